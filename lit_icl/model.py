@@ -1,0 +1,307 @@
+"""A decoder-only transformer LM with linear, momentum or softmax attention, and state.
+
+TransformerConfig holds the hyperparameters; TransformerLM is a plain nn.Module (no Lightning).
+Every attention layer can start from a carried state (the demonstrations' bias terms, BRIEF §2)
+and hand back its state at the end, which is all that exact conversion needs:
+
+    out = model.run(demo_ids, need_state=True)           # one pass over the demonstrations
+    model(query_ids, state=out)                          # == model(cat(demo, query))[:, M:]
+
+A state is any object with `layers` (one dict of tensors per layer) and `offset` ([B] long,
+the number of tokens already seen per row); `lit_icl.context.ContextState` is the public one.
+Per-layer keys: "S", "z" (linear attention: b_KV [B, H, F, D], b_D [B, H, F]); "m" (momentum
+accumulator [B, H, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H, P, D], [B, P]).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_icl.ops import (
+    FEATURE_MAPS,
+    feature_dim,
+    feature_map,
+    linear_attention_chunked,
+    momentum_chunked,
+    rope,
+    softmax_attention,
+)
+
+ATTENTIONS = ("linear", "softmax")
+POSITIONS = ("learned", "rope", "none")
+EPS = 1e-6  # guards the linear-attention normaliser phi(q).z against 0 (relu features)
+
+
+@dataclass
+class TransformerConfig:
+    """Model hyperparameters; invalid values raise ValueError naming the field."""
+
+    vocab_size: int
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    attention: str = "linear"  # "linear" | "softmax"
+    feature_map: str = "elu"  # linear attention's phi: "elu" | "relu" | "taylor"
+    momentum: float = 0.0  # eta of momentum attention (BRIEF §3); 0 = off
+    position: str = "learned"  # "learned" | "rope" | "none"
+    dropout: float = 0.0
+    bias: bool = True
+    chunk_size: int = 64  # chunk length of the chunked linear attention / momentum
+    tie_weights: bool = True  # share token embedding and output head
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}; allowed: {list(ATTENTIONS)}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={self.feature_map!r}; allowed: {sorted(FEATURE_MAPS)}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position={self.position!r}; allowed: {list(POSITIONS)}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class LMOutput:
+    """What `TransformerLM.run` returns. `layers`/`offset` form the state after the input;
+    `attn_outputs[l]` is layer l's attention output (after o_proj, before the residual),
+    `attn_scores[l]` the last position's scores over this input's tokens [B, H, T]
+    (q.k/sqrt(d) for softmax, phi(q).phi(k) for linear) — filled only when asked for."""
+
+    logits: Tensor
+    offset: Tensor
+    layers: Optional[list[dict[str, Tensor]]] = None
+    attn_outputs: list[Tensor] = field(default_factory=list)
+    attn_scores: list[Tensor] = field(default_factory=list)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention; linear or softmax, optional momentum, state in and out."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) for _ in range(4)
+        )
+        self.phi = feature_map(cfg.feature_map)
+
+    def forward(self, x, positions, mask, state, need_state, need_attn):
+        cfg, (B, T, C) = self.cfg, x.shape
+        q, k, v = (
+            p(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if cfg.position == "rope":
+            q, k = rope(q, positions), rope(k, positions)
+        state = state or {}
+        new: dict[str, Tensor] = {}
+        if cfg.attention == "linear":
+            q, k = self.phi(q), self.phi(k)
+            if mask is not None:  # padding keys contribute nothing to S and z
+                k = k * mask[:, None, :, None].to(k.dtype)
+            prior = (state["S"], state["z"]) if "S" in state else None
+            o, (new["S"], new["z"]) = linear_attention_chunked(q, k, v, prior, cfg.chunk_size, EPS)
+            score_scale = 1.0
+        else:
+            o = softmax_attention(q, k, v, state.get("k"), state.get("v"), state.get("kv_mask"), mask)
+            if need_state:
+                real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
+                new["k"], new["v"], new["kv_mask"] = (
+                    torch.cat([state[n], t], dim=d) if n in state else t
+                    for n, t, d in (("k", k, 2), ("v", v, 2), ("kv_mask", real, 1))
+                )
+            score_scale = 1.0 / math.sqrt(cfg.head_dim)
+        if cfg.momentum > 0:
+            mo, new["m"] = momentum_chunked(v, cfg.momentum, state.get("m"), mask, cfg.chunk_size)
+            o = o + mo
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, C))
+        scores = (q[:, :, -1:] @ k.transpose(-1, -2))[:, :, 0] * score_scale if need_attn else None
+        return y, (new if need_state else None), scores
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias),
+            nn.Dropout(cfg.dropout),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, positions, mask, state, need_state, need_attn):
+        a, new_state, scores = self.attn(self.ln_1(x), positions, mask, state, need_state, need_attn)
+        x = x + self.drop(a)
+        return x + self.mlp(self.ln_2(x)), new_state, a, scores
+
+
+class TransformerLM(nn.Module):
+    """GPT-style LM: token (+ learned position) embeddings, n_layer blocks, LayerNorm, head."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.context: Optional[BakedContext] = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections
+            if name.endswith("o_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [B, T, vocab]. With `state`, the input continues after the state's tokens."""
+        return self.run(input_ids, state, attention_mask).logits
+
+    def run(
+        self,
+        input_ids: Tensor,
+        state=None,
+        attention_mask: Tensor | None = None,
+        need_state: bool = False,
+        need_attn: bool = False,
+    ) -> LMOutput:
+        """Forward pass that can also return the new state and per-layer attention outputs."""
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(
+                f"input_ids must be a [B, T] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        if input_ids.device.type == "cpu" and input_ids.numel():  # CUDA asserts by itself
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
+        B, T = input_ids.shape
+        layers, offset = self._prior(state, B, input_ids.device)
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}"
+                )
+            mask = attention_mask.bool()
+        if mask is not None:
+            seen = torch.cumsum(mask.long(), dim=1)  # real tokens up to and including t
+        else:
+            seen = torch.arange(1, T + 1, device=input_ids.device).expand(B, T)
+        positions = offset[:, None] + (seen - 1).clamp(min=0)
+        new_offset = offset + (seen[:, -1] if T else 0)
+        longest = T if layers is None and mask is None else int(new_offset.max()) if B else 0
+        if longest > cfg.block_size:
+            raise ValueError(
+                f"context + input is {longest} tokens, more than block_size={cfg.block_size}"
+            )
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        out = LMOutput(logits=x, offset=new_offset, layers=[] if need_state else None)
+        for i, block in enumerate(self.blocks):
+            prior = layers[i] if layers is not None else None
+            x, new_state, a, scores = block(x, positions, mask, prior, need_state, need_attn)
+            if need_state:
+                out.layers.append(new_state)
+            if need_attn:
+                out.attn_outputs.append(a)
+                out.attn_scores.append(scores)
+        out.logits = self.lm_head(self.ln_f(x))
+        return out
+
+    def _prior(self, state, B: int, device) -> tuple[Optional[list[dict[str, Tensor]]], Tensor]:
+        """The carried per-layer state and offsets, broadcast to batch B (a batch-1 state
+        serves every row). Without a state, a baked context (see `lit_icl.context.bake`)."""
+        if state is None and self.context is not None:
+            state = self.context
+        if state is None:
+            return None, torch.zeros(B, dtype=torch.long, device=device)
+        layers, offset = state.layers, state.offset
+        if len(layers) != self.config.n_layer:
+            raise ValueError(f"state has {len(layers)} layers, the model has {self.config.n_layer}")
+        if offset.shape[0] not in (1, B):
+            raise ValueError(f"state batch size {offset.shape[0]} does not match input batch {B}")
+        if offset.shape[0] == 1 and B > 1:
+            layers = [{n: t.expand(B, *t.shape[1:]) for n, t in layer.items()} for layer in layers]
+            offset = offset.expand(B)
+        return layers, offset
+
+    def state_shapes(self) -> dict[str, tuple[Optional[int], ...]]:
+        """Per-layer state tensors this model carries, without the batch dimension (None =
+        any length); used to check a saved ContextState against the model."""
+        cfg = self.config
+        H, D = cfg.n_head, cfg.head_dim
+        if cfg.attention == "linear":
+            Fd = feature_dim(cfg.feature_map, D)
+            shapes: dict[str, tuple[Optional[int], ...]] = {"S": (H, Fd, D), "z": (H, Fd)}
+        else:
+            shapes = {"k": (H, None, D), "v": (H, None, D), "kv_mask": (None,)}
+        if cfg.momentum > 0:
+            shapes["m"] = (H, D)
+        return shapes
+
+    def install_context(self, layers: list[dict[str, Tensor]], offset: Tensor) -> None:
+        """Carry `layers`/`offset` as buffers used whenever forward gets no state."""
+        self.context = BakedContext(layers, offset)
+
+
+class BakedContext(nn.Module):
+    """Per-layer context state held as buffers (so .to(), state_dict() and copies carry it)."""
+
+    def __init__(self, layers: list[dict[str, Tensor]], offset: Tensor):
+        super().__init__()
+        self.names = [list(layer) for layer in layers]
+        for i, layer in enumerate(layers):
+            for name, t in layer.items():
+                self.register_buffer(f"l{i}_{name}", t.detach().clone())
+        self.register_buffer("offset_", offset.detach().clone())
+
+    @property
+    def layers(self) -> list[dict[str, Tensor]]:
+        return [{n: getattr(self, f"l{i}_{n}") for n in names} for i, names in enumerate(self.names)]
+
+    @property
+    def offset(self) -> Tensor:
+        return self.offset_
