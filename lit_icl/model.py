@@ -14,6 +14,7 @@ accumulator [B, H, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H, P, D], [B,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -193,9 +194,12 @@ class TransformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits [B, T, vocab]. With `state`, the input continues after the state's tokens."""
-        return self.run(input_ids, state, attention_mask).logits
+    def forward(
+        self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None, check: bool = True
+    ) -> Tensor:
+        """Logits [B, T, vocab]. With `state`, the input continues after the state's tokens.
+        check=False skips the data-dependent input checks (needed under torch.func.vmap)."""
+        return self.run(input_ids, state, attention_mask, check=check).logits
 
     def run(
         self,
@@ -204,6 +208,7 @@ class TransformerLM(nn.Module):
         attention_mask: Tensor | None = None,
         need_state: bool = False,
         need_attn: bool = False,
+        check: bool = True,
     ) -> LMOutput:
         """Forward pass that can also return the new state and per-layer attention outputs."""
         cfg = self.config
@@ -211,7 +216,7 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"input_ids must be a [B, T] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
             )
-        if input_ids.device.type == "cpu" and input_ids.numel():  # CUDA asserts by itself
+        if check and input_ids.device.type == "cpu" and input_ids.numel():  # CUDA asserts itself
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
@@ -230,7 +235,10 @@ class TransformerLM(nn.Module):
             seen = torch.arange(1, T + 1, device=input_ids.device).expand(B, T)
         positions = offset[:, None] + (seen - 1).clamp(min=0)
         new_offset = offset + (seen[:, -1] if T else 0)
-        longest = T if layers is None and mask is None else int(new_offset.max()) if B else 0
+        if layers is None and mask is None or not check:
+            longest = T
+        else:
+            longest = int(new_offset.max()) if B else 0
         if longest > cfg.block_size:
             raise ValueError(
                 f"context + input is {longest} tokens, more than block_size={cfg.block_size}"
@@ -305,3 +313,15 @@ class BakedContext(nn.Module):
     @property
     def offset(self) -> Tensor:
         return self.offset_
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """Put `module` in eval mode for the block, then restore each submodule's own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,245 @@
+"""ICLConversionCallback: measure in-context learning while a model trains (BRIEF §4).
+
+At validation end it takes the DataModule's held-out episodes for each shot count and compares
+four predictions on the same queries:
+
+- zero_shot: the query alone;
+- prompted: the demonstrations, then the query (ICL);
+- converted: the query alone on the model carrying the demonstrations' biases
+  (`lit_icl.context.convert`; for softmax models the exact KV prefix, logged as `converted_kv`);
+- finetuned: the query alone on a copy finetuned on the demonstrations (`lit_icl.finetune`,
+  all episodes of a shot count at once).
+
+It logs under `icl/<metric>/k=<shots>` the four accuracies, the conversion error, Rec2FTP,
+SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL); `hp/<prediction>_acc`
+(largest shot count) for TensorBoard's hparams view; a figure of accuracy against the number of
+demonstrations; and `icl/eval_seconds`. A table is printed when fitting ends.
+
+The DataModule provides `heldout_episodes(n_shots, num_episodes=None) -> Episodes`, the same
+episodes on every call, so successive evaluations are comparable. Under DDP each rank takes a
+strided share of the episodes and the torchmetrics states are reduced across ranks. The
+training model is handed back as it was: parameters, mode and the global RNG are not touched.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lit_icl.context import convert
+from lit_icl.data.episodes import Episodes
+from lit_icl.finetune import finetune_batched, finetuned_logits
+from lit_icl.metrics import CandidateAccuracy, ConversionError, Rec2FTP, SimAM, SimAOU, predict
+from lit_icl.model import TransformerLM, evaluating
+
+PREDICTIONS = ("zero_shot", "prompted", "converted", "finetuned")
+
+
+def converted_label(model: TransformerLM) -> str:
+    """"converted" for linear attention (exact biases), "converted_kv" for a softmax KV prefix."""
+    return "converted" if model.config.attention == "linear" else "converted_kv"
+
+
+class EpisodeRuns:
+    """The four runs of BRIEF §4 on one group of episodes: for each prediction the logits at the
+    query's last position [N, V], and for zero_shot / prompted / finetuned the per-layer
+    attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q]."""
+
+    def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict):
+        query, Q = episodes.query_ids, episodes.query_ids.shape[1]
+        zs = model.run(query, need_attn=True)
+        self.logits = {"zero_shot": zs.logits[:, -1]}
+        self.outputs = {"zero_shot": [a[:, -1] for a in zs.attn_outputs]}
+        self.scores = {"zero_shot": zs.attn_scores}
+        if episodes.demo_ids.shape[1] == 0:  # no demonstrations: all four are the query alone
+            for name in PREDICTIONS[1:]:
+                self.logits[name] = self.logits["zero_shot"]
+                self.outputs[name], self.scores[name] = self.outputs["zero_shot"], self.scores["zero_shot"]
+            return
+        pr = model.run(episodes.prompts, attention_mask=episodes.prompt_mask, need_attn=True)
+        self.logits["prompted"] = pr.logits[:, -1]
+        self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
+        self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
+        state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask)
+        self.logits["converted"] = model(query, state=state)[:, -1]
+        weights = finetune_batched(model, *episodes.demonstrations(), **finetune_kwargs)
+        logits, outputs, scores = finetuned_logits(model, weights, query, need_attn=True)
+        self.logits["finetuned"] = logits[:, -1]
+        self.outputs["finetuned"] = [a[:, -1] for a in outputs]
+        self.scores["finetuned"] = scores
+
+
+class ICLMetrics(torch.nn.Module):
+    """Every metric of one shot count; `update` with an EpisodeRuns, `compute` to a dict."""
+
+    def __init__(self, n_layer: int):
+        super().__init__()
+        self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in PREDICTIONS})
+        self.error = ConversionError()
+        self.rec2ftp = Rec2FTP()
+        self.simaou, self.simaou_random = SimAOU(n_layer), SimAOU(n_layer)
+        self.simam_icl_ft, self.simam_icl_zsl = SimAM(n_layer), SimAM(n_layer)
+
+    def update(self, runs: EpisodeRuns, episodes: Episodes, random_updates: list[Tensor]) -> None:
+        correct = {}
+        for name in PREDICTIONS:
+            self.acc[name].update(runs.logits[name], episodes.candidates, episodes.answers)
+            correct[name] = predict(runs.logits[name], episodes.candidates) == episodes.answers
+        self.error.update(runs.logits["prompted"], runs.logits["converted"])
+        self.rec2ftp.update(correct["zero_shot"], correct["finetuned"], correct["prompted"])
+        zs, icl, ft = (runs.outputs[n] for n in ("zero_shot", "prompted", "finetuned"))
+        icl_update = [i - z for i, z in zip(icl, zs)]
+        self.simaou.update(icl_update, [f - z for f, z in zip(ft, zs)])
+        self.simaou_random.update(icl_update, random_updates)
+        self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"])
+        self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"])
+
+    def compute(self, converted_name: str) -> dict[str, float]:
+        row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
+        row[f"{converted_name}_acc"] = row.pop("converted_acc")
+        err = self.error.compute()
+        row["max_abs_logit_diff"], row["rel_logit_err"] = float(err["max_abs"]), float(err["relative"])
+        for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
+            row[name] = float(getattr(self, name).compute())
+        return row
+
+
+def batches(episodes: Episodes, size: int) -> Iterator[tuple[slice, Episodes]]:
+    """Consecutive groups of at most `size` episodes, with their slice."""
+    for i in range(0, len(episodes), size):
+        sl = slice(i, i + size)
+        yield sl, episodes[sl]
+
+
+class ICLConversionCallback(Callback):
+    """Zero-shot vs prompted vs converted vs finetuned, per shot count, at validation end.
+
+    Args:
+        shots: numbers of demonstrations to evaluate (each one the DataModule offers).
+        num_episodes: held-out episodes per shot count (None: the DataModule's default).
+        every_n_validations: run at the 1st validation and every n-th after it.
+        batch_size: episodes per forward pass (and per batched finetuning).
+        finetune_params: what the finetuned copy trains: "kv" (the paper) | "attention" | "all".
+        finetune_lr: SGD learning rate of the finetuned copy.
+        finetune_epochs: passes over the demonstrations.
+        seed: seed of the random updates of SimAOU's baseline (a private generator).
+    """
+
+    def __init__(
+        self,
+        shots: Sequence[int] = (0, 2, 4, 8),
+        num_episodes: int | None = None,
+        every_n_validations: int = 1,
+        batch_size: int = 256,
+        finetune_params: str = "kv",
+        finetune_lr: float = 0.1,
+        finetune_epochs: int = 1,
+        seed: int = 0,
+    ):
+        if not shots or any(int(k) < 0 for k in shots):
+            raise ValueError(f"shots={list(shots)} must be a non-empty list of counts >= 0")
+        if every_n_validations < 1 or batch_size < 1:
+            raise ValueError(
+                f"every_n_validations={every_n_validations} and batch_size={batch_size} must be >= 1"
+            )
+        self.shots = sorted({int(k) for k in shots})
+        self.num_episodes = num_episodes
+        self.every_n_validations = every_n_validations
+        self.batch_size = batch_size
+        self.finetune_kwargs = dict(params=finetune_params, lr=finetune_lr, epochs=finetune_epochs)
+        self.seed = seed
+        self.validations = 0
+        self.declared_hparams = False
+        self.results: dict[int, dict[str, float]] = {}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_validations:
+            return
+        start = time.perf_counter()
+        model = pl_module.model
+        self.results = self.evaluate(trainer, model, pl_module.device)
+        seconds = time.perf_counter() - start
+        scalars = {f"icl/{name}/k={k}": v for k, row in self.results.items() for name, v in row.items()}
+        scalars["icl/eval_seconds"] = seconds
+        top = self.results[max(self.results)]
+        scalars.update({f"hp/{name}": v for name, v in top.items() if name.endswith("_acc")})
+        pl_module.log_dict(scalars, sync_dist=False)  # torchmetrics already reduced across ranks
+        rank_zero_info(f"icl: step {trainer.global_step}, {len(self.shots)} shot counts in {seconds:.1f} s; "
+                       + ", ".join(f"k={k} prompted {100 * r['prompted_acc']:.1f}%" for k, r in self.results.items()))
+        self._log_to_tensorboard(trainer, pl_module, top)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device) -> dict[int, dict[str, float]]:
+        """Metrics per shot count on this rank's share of the held-out episodes, synced."""
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "heldout_episodes"):
+            raise ValueError(
+                f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots), got "
+                f"{type(datamodule).__name__}"
+            )
+        results = {}
+        with evaluating(model):
+            for k in self.shots:
+                everything = datamodule.heldout_episodes(k, self.num_episodes)
+                randoms = self._random_updates(len(everything), model.config, trainer)
+                episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
+                metrics = ICLMetrics(model.config.n_layer).to(device)
+                for sl, group in batches(episodes, self.batch_size):
+                    runs = EpisodeRuns(model, group, self.finetune_kwargs)
+                    metrics.update(runs, group, [r[sl].to(device) for r in randoms])
+                results[k] = metrics.compute(converted_label(model))
+        return results
+
+    def _random_updates(self, n: int, cfg, trainer: pl.Trainer) -> list[Tensor]:
+        """Per layer, n random directions [n, C] from a private generator (the global RNG, and
+        so the training data stream, is left alone), sharded like the episodes."""
+        gen = torch.Generator().manual_seed(self.seed)
+        full = [torch.randn(n, cfg.n_embd, generator=gen) for _ in range(cfg.n_layer)]
+        return [r[trainer.global_rank :: trainer.world_size] for r in full]
+
+    def _log_to_tensorboard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, top: dict) -> None:
+        """The accuracy-vs-shots figure, and once the hparams view's hp/ metrics (rank zero)."""
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                from lit_icl.plots import accuracy_vs_shots
+
+                fig = accuracy_vs_shots(self.results, converted_label(pl_module.model))
+                logger.experiment.add_figure("icl/accuracy_vs_shots", fig, global_step=trainer.global_step)
+                if not self.declared_hparams:
+                    metrics = {f"hp/{n}": v for n, v in top.items() if n.endswith("_acc")}
+                    logger.log_hyperparams(pl_module.hparams, metrics, step=trainer.global_step)
+                    self.declared_hparams = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.results:
+            rank_zero_info(format_summary(self.results))
+
+
+def format_summary(results: dict[int, dict[str, float]]) -> str:
+    """Two fixed-width tables: accuracies per shot count, then the comparison metrics."""
+    conv = next(n for n in next(iter(results.values())) if n.startswith("converted"))
+    names = [("zero_shot_acc", "zero-shot"), ("prompted_acc", "prompted"),
+             (conv, conv.removesuffix("_acc").replace("_", " ")), ("finetuned_acc", "finetuned")]
+    head = f"{'shots':>5}" + "".join(f"  {label:>12}" for _, label in names)
+    lines = ["", "In-context learning on held-out episodes (accuracy over the candidate answers)", head]
+    for k, r in sorted(results.items()):
+        lines.append(f"{k:>5}" + "".join(f"  {100 * r[n]:>11.1f}%" for n, _ in names))
+    extra = [("rec2ftp", "Rec2FTP"), ("simaou", "SimAOU"), ("simaou_random", "SimAOU(rand)"),
+             ("simam_icl_ft", "SimAM(ICL,FT)"), ("simam_icl_zsl", "SimAM(ICL,ZSL)"),
+             ("max_abs_logit_diff", "max|dlogit|"), ("rel_logit_err", "rel err")]
+    head = f"{'shots':>5}" + "".join(f"  {label:>14}" for _, label in extra)
+    lines += ["", head]
+    for k, r in sorted(results.items()):
+        lines.append(f"{k:>5}" + "".join(f"  {r[n]:>14.3g}" for n, _ in extra))
+    return "\n".join(lines)

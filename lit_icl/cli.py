@@ -1,0 +1,86 @@
+"""The ``lit-icl`` command line: LightningCLI over LitTransformerLM and the data modules.
+
+    lit-icl fit --config configs/quickstart.yaml [--model.config.n_layer 4 ...]
+    lit-icl validate|test|predict --config ... --ckpt_path checkpoints/last.ckpt
+
+``--data`` takes any LightningDataModule subclass (``class_path``); its ``vocab_size`` is linked
+into ``model.config.vocab_size`` when the classes are instantiated. Defaults (all overridable):
+a TensorBoardLogger under ``lightning_logs/`` and a ModelCheckpoint, configured in its own
+``checkpoint`` section, that writes ``checkpoints/last.ckpt``. Invalid values (a parse error or
+a ValueError/TypeError from a constructor) end with a one-line ``error:`` message and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import lit_icl.data  # noqa: F401  (registers the data modules as known --data subclasses)
+from lit_icl.module import LitTransformerLM
+
+__all__ = ["LitICLCLI", "build_cli", "main"]
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "lightning_logs", "name": ""},  # lightning_logs/version_N
+    },
+}
+CHECKPOINT_DEFAULTS = {"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True}
+
+
+class ConfigError(Exception):
+    """A constructor rejected a configured value; reported without a traceback."""
+
+
+class LitICLCLI(LightningCLI):
+    """LightningCLI with the vocab link, a configurable ModelCheckpoint and one-line config errors."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(CHECKPOINT_DEFAULTS)
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(_root_message(err)) from err
+
+
+def _root_message(err: BaseException) -> str:
+    """First line of the innermost ValueError/TypeError in ``err``'s chain (jsonargparse wraps them)."""
+    root, link = err, err
+    while (link := link.__cause__ or link.__context__) is not None:
+        if isinstance(link, (ValueError, TypeError)):
+            root = link
+    return (str(root) or type(root).__name__).splitlines()[0]
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:
+    """The ``lit-icl`` LightningCLI; ``run=False`` parses a config (no subcommand) and instantiates only."""
+    return LitICLCLI(
+        LitTransformerLM,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={"prog": "lit-icl"},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lit-icl`` (``args`` defaults to ``sys.argv[1:]``)."""
+    try:
+        build_cli(args)
+    except ConfigError as err:
+        print(f"lit-icl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

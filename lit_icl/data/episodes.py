@@ -1,0 +1,123 @@
+"""Held-out in-context-learning episodes: demonstrations, a query, its answer, the candidates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Episodes"]
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """A batch of ``N`` ICL episodes (BRIEF §4-5), all of the same shape.
+
+    Attributes:
+        demo_ids: ``[N, M]`` long, the demonstrations (``M`` may be 0: zero-shot).
+        query_ids: ``[N, Q]`` long, ``Q >= 1``; the prediction is read at the query's last token.
+        answers: ``[N]`` long, the correct token id of each episode (one of ``candidates``).
+        candidates: ``[K]`` long, the task's candidate answer tokens; a prediction is the argmax
+            of the logits at the query's last position restricted to these ids.
+        shot_index: optional ``[N, M]`` long, which demonstration (``0..k-1``) each token of
+            ``demo_ids`` belongs to, ``-1`` at padding (rows of different lengths). ``None``:
+            each row of ``demo_ids`` is one demonstration, without padding. The finetuning
+            baseline trains on one demonstration per step, so it needs the split.
+    """
+
+    demo_ids: torch.Tensor
+    query_ids: torch.Tensor
+    answers: torch.Tensor
+    candidates: torch.Tensor
+    shot_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name, want_dim in (("demo_ids", 2), ("query_ids", 2), ("answers", 1), ("candidates", 1)):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Episodes.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != want_dim or t.dtype != torch.long:
+                raise ValueError(
+                    f"Episodes.{name} must be a {want_dim}-D long tensor, got shape "
+                    f"{tuple(t.shape)} dtype {t.dtype}"
+                )
+        n = self.demo_ids.shape[0]
+        if self.query_ids.shape[0] != n or self.answers.shape[0] != n:
+            raise ValueError(
+                "Episodes need one row per episode: demo_ids "
+                f"{tuple(self.demo_ids.shape)}, query_ids {tuple(self.query_ids.shape)}, "
+                f"answers {tuple(self.answers.shape)} disagree on N"
+            )
+        if self.query_ids.shape[1] < 1:
+            raise ValueError(f"Episodes.query_ids must have Q >= 1 tokens, got {tuple(self.query_ids.shape)}")
+        if self.candidates.numel() < 1:
+            raise ValueError("Episodes.candidates must hold at least one token id, got shape (0,)")
+        if n and not torch.isin(self.answers, self.candidates).all():
+            raise ValueError("Episodes.answers must all be among Episodes.candidates")
+        if self.shot_index is not None and self.shot_index.shape != self.demo_ids.shape:
+            raise ValueError(
+                f"Episodes.shot_index shape {tuple(self.shot_index.shape)} != demo_ids shape "
+                f"{tuple(self.demo_ids.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.demo_ids.shape[0]
+
+    @property
+    def prompts(self) -> torch.Tensor:
+        """``[N, M + Q]``: demonstrations followed by the query (the prompted, ICL input)."""
+        return torch.cat([self.demo_ids, self.query_ids], dim=1)
+
+    def shard(self, rank: int, world_size: int) -> "Episodes":
+        """The strided share ``[rank::world_size]`` of the episodes for one process.
+
+        The shards of ranks ``0..world_size-1`` cover every episode exactly once, without
+        padding (sizes differ by at most one; a shard may be empty when ``N < world_size``).
+        ``candidates`` is shared by all shards.
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"shard needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        return self[rank::world_size]
+
+    def __getitem__(self, rows: slice) -> "Episodes":
+        """The episodes of ``rows`` (a slice); ``candidates`` is shared."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"Episodes are indexed by a slice, got {type(rows).__name__}")
+        index = None if self.shot_index is None else self.shot_index[rows]
+        return Episodes(self.demo_ids[rows], self.query_ids[rows], self.answers[rows], self.candidates, index)
+
+    def to(self, device: torch.device | str) -> "Episodes":
+        """A copy with every tensor on ``device``."""
+        index = None if self.shot_index is None else self.shot_index.to(device)
+        return Episodes(*(t.to(device) for t in (self.demo_ids, self.query_ids, self.answers, self.candidates)), index)
+
+    @property
+    def demo_mask(self) -> torch.Tensor | None:
+        """``[N, M]`` 1 at demonstration tokens, 0 at padding; ``None`` when nothing is padded."""
+        if self.shot_index is None or bool((self.shot_index >= 0).all()):
+            return None
+        return (self.shot_index >= 0).long()
+
+    @property
+    def prompt_mask(self) -> torch.Tensor | None:
+        """The attention mask of ``prompts`` (``None`` when nothing is padded)."""
+        mask = self.demo_mask
+        return None if mask is None else torch.cat([mask, torch.ones_like(self.query_ids)], dim=1)
+
+    def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The demonstrations one by one: ids ``[N, k, L]`` left-padded to the longest, and
+        their mask (``None`` when none is padded)."""
+        if self.shot_index is None:
+            return self.demo_ids[:, None, :], None
+        N, M = self.shot_index.shape
+        k = int(self.shot_index.max()) + 1 if self.shot_index.numel() else 0
+        member = self.shot_index[:, None, :] == torch.arange(k, device=self.shot_index.device)[None, :, None]
+        lengths = member.sum(-1)  # [N, k]
+        L = int(lengths.max()) if k else 0
+        column = L - lengths[..., None] + member.long().cumsum(-1) - 1  # left-padded place
+        ids = self.demo_ids.new_zeros(N, k, L)
+        mask = torch.zeros_like(ids)
+        n, d, t = member.nonzero(as_tuple=True)
+        ids[n, d, column[n, d, t]] = self.demo_ids[n, t]
+        mask[n, d, column[n, d, t]] = 1
+        return ids, None if bool(mask.all()) else mask

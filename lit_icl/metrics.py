@@ -1,0 +1,133 @@
+"""torchmetrics Metrics of the ICL comparison (BRIEF §4). Each declares its state with
+`add_state(..., dist_reduce_fx=...)`, so values computed on shards of episodes in several
+processes sync to the value one process would get on all of them."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def predict(last_logits: Tensor, candidates: Tensor) -> Tensor:
+    """BRIEF §4: a prediction is the argmax over the candidate label tokens at the query's last
+    position. last_logits [N, V], candidates [K] -> predicted token ids [N]."""
+    return candidates[last_logits[:, candidates].argmax(dim=-1)]
+
+
+class CandidateAccuracy(Metric):
+    """Fraction of episodes whose candidate argmax is the answer."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, last_logits: Tensor, candidates: Tensor, answers: Tensor) -> None:
+        self.correct += (predict(last_logits, candidates) == answers).sum()
+        self.total += answers.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct / self.total
+
+
+class ConversionError(Metric):
+    """How far converted logits are from prompted ones: `max_abs` = max |l_p - l_c| and
+    `relative` = ||l_p - l_c|| / ||l_p|| (the conversion paper's relative logit error), with the
+    norms taken over every logit of every episode."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("max_abs", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("sq_diff", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sq_ref", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, prompted: Tensor, converted: Tensor) -> None:
+        diff = (prompted - converted).double()
+        if diff.numel():
+            self.max_abs = torch.maximum(self.max_abs, diff.abs().max())
+        self.sq_diff += diff.square().sum()
+        self.sq_ref += prompted.double().square().sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"max_abs": self.max_abs, "relative": (self.sq_diff / self.sq_ref).sqrt()}
+
+
+class Rec2FTP(Metric):
+    """BRIEF §4: Rec2FTP = #(ZSL wrong, FT right, ICL right) / #(ZSL wrong, FT right): how much of
+    what finetuning fixes in-context learning fixes too. NaN when finetuning fixed nothing."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("recalled", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("fixed_by_ft", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, zsl_correct: Tensor, ft_correct: Tensor, icl_correct: Tensor) -> None:
+        base = ~zsl_correct.bool() & ft_correct.bool()
+        self.fixed_by_ft += base.sum()
+        self.recalled += (base & icl_correct.bool()).sum()
+
+    def compute(self) -> Tensor:
+        return self.recalled / self.fixed_by_ft
+
+
+class _LayerCosine(Metric):
+    """Mean over examples of a per-layer cosine, then over layers; `per_layer` keeps the layers."""
+
+    full_state_update = False
+
+    def __init__(self, n_layer: int, **kwargs):
+        super().__init__(**kwargs)
+        if n_layer < 1:
+            raise ValueError(f"n_layer={n_layer} must be >= 1")
+        self.add_state("sums", torch.zeros(n_layer, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _add(self, cos: Tensor) -> None:
+        """cos [n_layer, N]."""
+        self.sums += cos.double().sum(dim=1)
+        self.count += cos.shape[1]
+
+    def per_layer(self) -> Tensor:
+        return self.sums / self.count
+
+    def compute(self) -> Tensor:
+        return self.per_layer().mean()
+
+
+class SimAOU(_LayerCosine):
+    """BRIEF §4: similarity of attention output updates. Per layer, the cosine between the ICL
+    update and the FT update of the attention output at the query's last position (after the
+    output projection, before the residual), each L2-normalised first:
+    cos(h_ICL - h_ZSL, h_FT - h_ZSL); averaged over examples, then layers. Feed a random update
+    as `ft_update` for the paper's random baseline."""
+
+    def update(self, icl_update: list[Tensor], ft_update: list[Tensor]) -> None:
+        """Per layer, updates [N, C]."""
+        cos = [
+            (F.normalize(a.double(), dim=-1) * F.normalize(b.double(), dim=-1)).sum(-1)
+            for a, b in zip(icl_update, ft_update, strict=True)
+        ]
+        self._add(torch.stack(cos))
+
+
+class SimAM(_LayerCosine):
+    """BRIEF §4: similarity of attention maps. Per layer, the cosine between two models'
+    attention-score vectors (pre-softmax q.k/sqrt(d); phi(q).phi(k) for linear attention) of the
+    query's last token over the query's own tokens (demonstrations excluded), averaged over
+    heads, examples, then layers. With a one-token query the vectors have one entry and the
+    cosine is its sign."""
+
+    def update(self, scores_a: list[Tensor], scores_b: list[Tensor]) -> None:
+        """Per layer, scores [N, H, Q] over the query's Q tokens."""
+        cos = [
+            F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12).mean(dim=1)
+            for a, b in zip(scores_a, scores_b, strict=True)
+        ]
+        self._add(torch.stack(cos))

@@ -1,0 +1,165 @@
+"""LitTransformerLM: the LightningModule that trains a TransformerLM on next-token targets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lit_icl.model import TransformerConfig, TransformerLM
+
+__all__ = ["LitTransformerLM", "lr_lambda"]
+
+IGNORE_INDEX = -100
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
+    """LR multiplier at optimizer ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio``.
+
+    ``(step + 1) / warmup_steps`` while ``step < warmup_steps``; afterwards
+    ``min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`` with
+    ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clamped to ``[0, 1]``.
+    With ``total_steps=None`` (unknown length) the multiplier stays 1 after warmup.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LitTransformerLM(pl.LightningModule):
+    """Trains :class:`~lit_icl.model.TransformerLM` with cross-entropy on ``labels`` (``-100`` ignored).
+
+    A batch is ``dict(input_ids=[B, T], labels=[B, T])`` (optionally ``attention_mask``), where
+    ``labels[t]`` is the target of the prediction at position ``t``. The model config is stored
+    in ``hparams`` as a plain dict, so ``LitTransformerLM.load_from_checkpoint(path)`` rebuilds it.
+
+    Args:
+        config: the model's :class:`~lit_icl.model.TransformerConfig` (a dict of its fields is
+            accepted too).
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay of the parameters with ``dim >= 2``.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warmup.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` after the cosine decay.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if isinstance(config, Mapping):
+            config = TransformerConfig(**config)
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config must be a TransformerConfig or a dict of its fields, got {type(config).__name__}")
+        if lr <= 0 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got lr={lr}, "
+                f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
+            )
+        self.save_hyperparameters()
+        self.hparams["config"] = asdict(config)  # a plain dict: checkpoints hold no custom class
+        self.model = TransformerLM(config)
+        self.metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({"loss": MeanMetric(), "acc": MeanMetric()}) for stage in ("val", "test")}
+        )
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of the wrapped model."""
+        if attention_mask is None:
+            return self.model(input_ids)
+        return self.model(input_ids, attention_mask=attention_mask)
+
+    def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        _, loss = self._logits_and_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        labelled = batch["labels"] != IGNORE_INDEX
+        n = int(labelled.sum())
+        if n == 0:
+            return
+        correct = (logits.argmax(dim=-1) == batch["labels"])[labelled].float()
+        self.metrics[stage]["loss"].update(loss.detach(), weight=n)
+        self.metrics[stage]["acc"].update(correct)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        """Log ``{stage}/loss``, ``{stage}/ppl = exp(loss)`` and ``{stage}/acc``, token-weighted.
+
+        The MeanMetrics reduce across processes themselves (torchmetrics), so every rank logs
+        the global value; ``sync_dist=True`` keeps Lightning's bookkeeping consistent.
+        """
+        metrics = self.metrics[stage]
+        if metrics["loss"].update_count == 0:
+            return
+        loss, acc = metrics["loss"].compute(), metrics["acc"].compute()
+        self.log_dict(
+            {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss), f"{stage}/acc": acc},
+            prog_bar=stage == "val",
+            sync_dist=True,
+        )
+        for metric in metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch["input_ids"], batch.get("attention_mask"))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with weight decay on ``dim >= 2`` parameters only; LambdaLR (:func:`lr_lambda`) per step."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            rank_zero_warn("training length unknown (no max_steps / max_epochs): no cosine decay after warmup")
+            total = None
+        schedule = partial(
+            lr_lambda,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=None if total is None else int(total),
+            min_lr_ratio=self.hparams.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

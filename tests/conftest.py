@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models and data, and a runner for the ``lit-icl`` command."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network from a test
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from lit_icl.data import AssociativeRecallDataModule
+from lit_icl.model import TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+LIT_ICL = Path(sys.executable).with_name("lit-icl")  # the installed console script
+TINY_OVERRIDES = [  # shrink a config to a seconds-long run
+    "--model.config.n_embd", "32", "--model.config.n_head", "2",
+    "--data.init_args.num_train", "256", "--data.init_args.num_val", "64",
+    "--data.init_args.batch_size", "16", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+    "--trainer.max_time", "null", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
+@pytest.fixture
+def quickstart_tiny() -> list[str]:
+    """``--config configs/quickstart.yaml`` plus overrides that make it a tiny, seconds-long run."""
+    return ["--config", str(ROOT / "configs" / "quickstart.yaml"), *TINY_OVERRIDES]
+
+
+@pytest.fixture
+def tiny_data() -> AssociativeRecallDataModule:
+    return AssociativeRecallDataModule(
+        n_pairs=4, n_keys=8, n_values=8, n_queries=4, num_train=256, num_val=64, num_heldout=32, batch_size=16
+    )
+
+
+@pytest.fixture
+def tiny_config(tiny_data) -> TransformerConfig:
+    return TransformerConfig(vocab_size=tiny_data.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``lit-icl *args`` in ``cwd``; returns the CompletedProcess (text, captured)."""
+
+    def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        return subprocess.run(
+            [str(LIT_ICL), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """A quiet CPU Trainer writing under ``tmp_path`` (no logger, no checkpoints unless asked)."""
+
+    def make(**kwargs) -> pl.Trainer:
+        defaults = dict(
+            accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        )
+        return pl.Trainer(**{**defaults, **kwargs})
+
+    return make

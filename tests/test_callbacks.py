@@ -1,0 +1,130 @@
+"""ICLConversionCallback inside a real Trainer: logged metrics, exactness, TensorBoard event
+files, and that the training run is left exactly as it would have been without it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_icl.callbacks import EpisodeRuns, ICLConversionCallback, format_summary
+from lit_icl.data import AssociativeRecallDataModule
+from lit_icl.finetune import finetune
+from lit_icl.model import TransformerConfig
+from lit_icl.module import LitTransformerLM
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny(attention="linear", seed=0, **kw):
+    dm = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=2, num_train=64,
+                                     num_val=16, num_heldout=24, batch_size=16)
+    cfg = TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16,
+                            block_size=32, attention=attention, **kw)
+    torch.manual_seed(seed)
+    return LitTransformerLM(cfg), dm
+
+
+def trainer(tmp_path, callbacks=(), logger=False, **kw):
+    kw = {"max_steps": 4, "val_check_interval": 2, **kw}
+    return pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks), **kw)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_callback_logs_every_metric_per_shot_count(tmp_path, attention):
+    module, dm = tiny(attention, momentum=0.5)
+    cb = ICLConversionCallback(shots=[0, 1, 4], batch_size=10)
+    t = trainer(tmp_path, [cb])
+    t.fit(module, datamodule=dm)
+    assert cb.validations == 2 and set(cb.results) == {0, 1, 4}
+    conv = "converted" if attention == "linear" else "converted_kv"
+    for k in (0, 1, 4):
+        row = cb.results[k]
+        assert row["prompted_acc"] == row[f"{conv}_acc"]  # exact conversion: same argmax
+        assert row["rel_logit_err"] < 1e-5
+        for name in ("zero_shot_acc", "finetuned_acc", "rec2ftp", "simaou", "simaou_random",
+                     "simam_icl_ft", "simam_icl_zsl", "max_abs_logit_diff"):
+            assert f"icl/{name}/k={k}" in t.callback_metrics, name
+    zero = cb.results[0]  # no demonstrations: all four predictions are the query alone
+    assert zero["zero_shot_acc"] == zero["prompted_acc"] == zero["finetuned_acc"]
+    assert "icl/eval_seconds" in t.callback_metrics and "hp/prompted_acc" in t.callback_metrics
+    assert module.training
+    assert f"{conv.replace('_', ' ')}" in format_summary(cb.results)
+
+
+def test_episode_runs_match_direct_calls():
+    module, dm = tiny(momentum=0.3)
+    model = module.model.double().eval()
+    eps = dm.heldout_episodes(3, 5)
+    runs = EpisodeRuns(model, eps, dict(params="kv", lr=0.5, epochs=1))
+    torch.testing.assert_close(runs.logits["prompted"], model(eps.prompts)[:, -1])
+    torch.testing.assert_close(runs.logits["zero_shot"], model(eps.query_ids)[:, -1])
+    torch.testing.assert_close(runs.logits["converted"], runs.logits["prompted"], rtol=1e-10, atol=1e-10)
+    demos, _ = eps.demonstrations()
+    for i in range(5):  # the batched finetuning equals the one-episode reference
+        tuned = finetune(model, demos[i], lr=0.5)
+        torch.testing.assert_close(runs.logits["finetuned"][i], tuned(eps.query_ids[i : i + 1])[0, -1])
+    assert len(runs.outputs["finetuned"]) == 2 and runs.outputs["finetuned"][0].shape == (5, 16)
+    assert runs.scores["prompted"][1].shape == runs.scores["finetuned"][1].shape == (5, 2, 1)
+
+
+def test_training_is_untouched_by_the_callback(tmp_path):
+    """Same seed, with and without the callback: identical weights and optimizer state after
+    training, so the callback changed no parameter, no mode and no RNG draw of the data."""
+    finals = []
+    for callbacks in ([], [ICLConversionCallback(shots=[2, 4], batch_size=8)]):
+        pl.seed_everything(3)
+        module, dm = tiny(dropout=0.1)
+        t = trainer(tmp_path, callbacks, max_steps=6)
+        t.fit(module, datamodule=dm)
+        finals.append((module.state_dict(), t.optimizers[0].state_dict()["state"]))
+    (w0, o0), (w1, o1) = finals
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert all(torch.equal(o0[i]["exp_avg"], o1[i]["exp_avg"]) for i in o0)
+
+
+def test_tensorboard_event_files_hold_scalars_hparams_and_figure(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module, dm = tiny()
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    trainer(tmp_path, [ICLConversionCallback(shots=[1, 2])], logger=logger).fit(module, datamodule=dm)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("icl/prompted_acc/k=2", "icl/finetuned_acc/k=1", "icl/simaou/k=2", "hp/prompted_acc",
+                "icl/eval_seconds", "val/loss"):
+        assert tag in tags["scalars"], tag
+    assert len(acc.Scalars("icl/prompted_acc/k=2")) == 2  # one point per evaluation
+    assert "icl/accuracy_vs_shots" in tags["images"]
+    assert acc.Images("icl/accuracy_vs_shots")[-1].width > 100
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+    assert b"hp/prompted_acc" in plugins["_hparams_/experiment"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_give_the_one_process_values(tmp_path):
+    out = {}
+    for devices in (1, 2):
+        path = tmp_path / f"icl_{devices}.json"
+        proc = subprocess.run([sys.executable, str(HERE / "icl_ddp_worker.py"), str(devices), str(path)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[devices] = json.loads(path.read_text())
+    assert out[1].keys() == out[2].keys()
+    for k in out[1]:
+        for name, value in out[1][k].items():
+            # the conversion error is float32 rounding itself, which depends on batch shapes
+            tol = 1e-6 if name in ("max_abs_logit_diff", "rel_logit_err") else 1e-9
+            assert out[2][k][name] == pytest.approx(value, rel=1e-6, abs=tol, nan_ok=True), (k, name)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="shots"):
+        ICLConversionCallback(shots=[])
+    with pytest.raises(ValueError, match="every_n_validations=0"):
+        ICLConversionCallback(every_n_validations=0)
