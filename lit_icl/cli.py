@@ -26,7 +26,7 @@ __all__ = ["LitICLCLI", "build_cli", "main"]
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "lightning_logs", "name": ""},  # lightning_logs/version_N
+        "init_args": {"save_dir": "lightning_logs", "name": "", "default_hp_metric": False},
     },
 }
 CHECKPOINT_DEFAULTS = {"checkpoint.dirpath": "checkpoints", "checkpoint.save_last": True}

@@ -34,7 +34,7 @@ from lit_icl.model import TransformerLM
 
 FORMAT = "lit_icl.ContextState/1"
 MODES = {"linear": ("exact",), "softmax": ("kv",)}
-ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position")
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position", "token_shift")
 
 
 @dataclass
@@ -44,11 +44,13 @@ class ContextState:
     layers[l] maps names to tensors with the batch first: "S" (b_KV [B, H, F, D]) and "z"
     (b_D [B, H, F]) for linear attention, "k", "v" [B, H, M, D] and "kv_mask" [B, M] for a
     softmax KV prefix, "m" [B, H, D] for momentum. offset [B] counts each row's real tokens:
-    the converted model continues positions there. mode is "exact" or "kv".
+    the converted model continues positions there. last_token [B] is each row's last token
+    (-1 for none), the input of token shift. mode is "exact" or "kv".
     """
 
     layers: list[dict[str, Tensor]]
     offset: Tensor
+    last_token: Tensor
     mode: str = "exact"
 
     @property
@@ -60,20 +62,21 @@ class ContextState:
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         layers = [{n: move(t) for n, t in layer.items()} for layer in self.layers]
-        return ContextState(layers, move(self.offset), self.mode)
+        return ContextState(layers, move(self.offset), move(self.last_token), self.mode)
 
     def select(self, rows) -> "ContextState":
         """The state of some rows (an index, slice, list or bool mask), batch kept."""
         if isinstance(rows, int):
             rows = [rows]
         layers = [{n: t[rows] for n, t in layer.items()} for layer in self.layers]
-        return ContextState(layers, self.offset[rows], self.mode)
+        return ContextState(layers, self.offset[rows], self.last_token[rows], self.mode)
 
     def save(self, path: str | os.PathLike, model: TransformerLM | None = None) -> None:
         """Write a safetensors file atomically (temp file + rename): never a partial file.
         With `model`, its architecture and weight fingerprint go into the metadata."""
         tensors = {f"layers.{i}.{n}": t.contiguous() for i, layer in enumerate(self.layers) for n, t in layer.items()}
         tensors["offset"] = self.offset.contiguous()
+        tensors["last_token"] = self.last_token.contiguous()
         meta = {"format": FORMAT, "mode": self.mode, "n_layer": str(len(self.layers))}
         if model is not None:
             meta["arch"] = json.dumps({f: getattr(model.config, f) for f in ARCH_FIELDS})
@@ -120,7 +123,9 @@ class ContextState:
             {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layers.{i}.")}
             for i in range(max(n_layer, 0))
         ]
-        state = cls(layers, tensors["offset"], meta.get("mode", "exact"))
+        if "offset" not in tensors or "last_token" not in tensors:
+            raise ValueError(f"{path} lacks the offset/last_token tensors of a context file")
+        state = cls(layers, tensors["offset"], tensors["last_token"], meta.get("mode", "exact"))
         check_compatible(state, model)
         return state
 
@@ -182,7 +187,7 @@ def convert(
             raise ValueError(f"cannot continue a {state.mode!r} state in mode {mode!r}")
         check_compatible(state, model)
     out = model.run(demo_ids, state=state, attention_mask=attention_mask, need_state=True)
-    return ContextState(out.layers, out.offset, mode)
+    return ContextState(out.layers, out.offset, out.last_token, mode)
 
 
 def bake(model: TransformerLM, state: ContextState) -> TransformerLM:
@@ -190,5 +195,5 @@ def bake(model: TransformerLM, state: ContextState) -> TransformerLM:
     prompted model's logits on the query, with no state argument. The model is untouched."""
     check_compatible(state, model)
     baked = copy.deepcopy(model)
-    baked.install_context(state.layers, state.offset)
+    baked.install_context(state)
     return baked

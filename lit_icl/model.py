@@ -7,8 +7,9 @@ and hand back its state at the end, which is all that exact conversion needs:
     out = model.run(demo_ids, need_state=True)           # one pass over the demonstrations
     model(query_ids, state=out)                          # == model(cat(demo, query))[:, M:]
 
-A state is any object with `layers` (one dict of tensors per layer) and `offset` ([B] long,
-the number of tokens already seen per row); `lit_icl.context.ContextState` is the public one.
+A state is any object with `layers` (one dict of tensors per layer), `offset` ([B] long, the
+number of tokens already seen per row) and `last_token` ([B] long, the last token seen, -1 for
+none; token shift reads it); `lit_icl.context.ContextState` is the public one.
 Per-layer keys: "S", "z" (linear attention: b_KV [B, H, F, D], b_D [B, H, F]); "m" (momentum
 accumulator [B, H, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H, P, D], [B, P]).
 """
@@ -56,6 +57,7 @@ class TransformerConfig:
     bias: bool = True
     chunk_size: int = 64  # chunk length of the chunked linear attention / momentum
     tie_weights: bool = True  # share token embedding and output head
+    token_shift: bool = False  # add the previous token's embedding to each token's input
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size"):
@@ -93,6 +95,7 @@ class LMOutput:
 
     logits: Tensor
     offset: Tensor
+    last_token: Tensor
     layers: Optional[list[dict[str, Tensor]]] = None
     attn_outputs: list[Tensor] = field(default_factory=list)
     attn_scores: list[Tensor] = field(default_factory=list)
@@ -221,7 +224,7 @@ class TransformerLM(nn.Module):
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
         B, T = input_ids.shape
-        layers, offset = self._prior(state, B, input_ids.device)
+        layers, offset, last_token = self._prior(state, B, input_ids.device)
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
@@ -243,11 +246,14 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"context + input is {longest} tokens, more than block_size={cfg.block_size}"
             )
+        previous, new_last = shift_tokens(input_ids, mask, last_token)
         x = self.wte(input_ids)
+        if cfg.token_shift:
+            x = x + self.wte(previous.clamp(min=0)) * (previous >= 0)[..., None].to(x.dtype)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         x = self.drop(x)
-        out = LMOutput(logits=x, offset=new_offset, layers=[] if need_state else None)
+        out = LMOutput(logits=x, offset=new_offset, last_token=new_last, layers=[] if need_state else None)
         for i, block in enumerate(self.blocks):
             prior = layers[i] if layers is not None else None
             x, new_state, a, scores = block(x, positions, mask, prior, need_state, need_attn)
@@ -259,22 +265,23 @@ class TransformerLM(nn.Module):
         out.logits = self.lm_head(self.ln_f(x))
         return out
 
-    def _prior(self, state, B: int, device) -> tuple[Optional[list[dict[str, Tensor]]], Tensor]:
-        """The carried per-layer state and offsets, broadcast to batch B (a batch-1 state
-        serves every row). Without a state, a baked context (see `lit_icl.context.bake`)."""
+    def _prior(self, state, B: int, device):
+        """The carried per-layer state, offsets and last tokens, broadcast to batch B (a batch-1
+        state serves every row). Without a state, a baked context (see `lit_icl.context.bake`)."""
         if state is None and self.context is not None:
             state = self.context
         if state is None:
-            return None, torch.zeros(B, dtype=torch.long, device=device)
-        layers, offset = state.layers, state.offset
+            none = torch.full((B,), -1, dtype=torch.long, device=device)
+            return None, torch.zeros(B, dtype=torch.long, device=device), none
+        layers, offset, last_token = state.layers, state.offset, state.last_token
         if len(layers) != self.config.n_layer:
             raise ValueError(f"state has {len(layers)} layers, the model has {self.config.n_layer}")
         if offset.shape[0] not in (1, B):
             raise ValueError(f"state batch size {offset.shape[0]} does not match input batch {B}")
         if offset.shape[0] == 1 and B > 1:
             layers = [{n: t.expand(B, *t.shape[1:]) for n, t in layer.items()} for layer in layers]
-            offset = offset.expand(B)
-        return layers, offset
+            offset, last_token = offset.expand(B), last_token.expand(B)
+        return layers, offset, last_token
 
     def state_shapes(self) -> dict[str, tuple[Optional[int], ...]]:
         """Per-layer state tensors this model carries, without the batch dimension (None =
@@ -290,21 +297,23 @@ class TransformerLM(nn.Module):
             shapes["m"] = (H, D)
         return shapes
 
-    def install_context(self, layers: list[dict[str, Tensor]], offset: Tensor) -> None:
-        """Carry `layers`/`offset` as buffers used whenever forward gets no state."""
-        self.context = BakedContext(layers, offset)
+    def install_context(self, state) -> None:
+        """Carry `state` (layers, offset, last_token) as buffers, used whenever forward gets
+        no state."""
+        self.context = BakedContext(state.layers, state.offset, state.last_token)
 
 
 class BakedContext(nn.Module):
     """Per-layer context state held as buffers (so .to(), state_dict() and copies carry it)."""
 
-    def __init__(self, layers: list[dict[str, Tensor]], offset: Tensor):
+    def __init__(self, layers: list[dict[str, Tensor]], offset: Tensor, last_token: Tensor):
         super().__init__()
         self.names = [list(layer) for layer in layers]
         for i, layer in enumerate(layers):
             for name, t in layer.items():
                 self.register_buffer(f"l{i}_{name}", t.detach().clone())
         self.register_buffer("offset_", offset.detach().clone())
+        self.register_buffer("last_token_", last_token.detach().clone())
 
     @property
     def layers(self) -> list[dict[str, Tensor]]:
@@ -313,6 +322,29 @@ class BakedContext(nn.Module):
     @property
     def offset(self) -> Tensor:
         return self.offset_
+
+    @property
+    def last_token(self) -> Tensor:
+        return self.last_token_
+
+
+def shift_tokens(input_ids: Tensor, mask: Tensor | None, last_token: Tensor) -> tuple[Tensor, Tensor]:
+    """Token shift: for each position the previous real token (skipping padding; the carried
+    `last_token` [B] before the first, -1 for none), and each row's last real token after the
+    input. A context therefore hands its last token to the query, and conversion stays exact."""
+    B, T = input_ids.shape
+    if mask is None:
+        previous = torch.cat([last_token[:, None], input_ids[:, :-1]], dim=1)
+        return previous, (input_ids[:, -1] if T else last_token)
+    index = torch.arange(T, device=input_ids.device).expand(B, T)
+    latest = torch.cummax(torch.where(mask, index, -1), dim=1).values  # last real index <= t
+    before = torch.cat([latest.new_full((B, 1), -1), latest[:, :-1]], dim=1)  # last real index < t
+    gathered = input_ids.gather(1, before.clamp(min=0))
+    previous = torch.where(before >= 0, gathered, last_token[:, None])
+    if T == 0:
+        return previous, last_token
+    final = latest[:, -1]
+    return previous, torch.where(final >= 0, input_ids.gather(1, final.clamp(min=0)[:, None])[:, 0], last_token)
 
 
 @contextlib.contextmanager

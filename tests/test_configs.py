@@ -1,6 +1,7 @@
 """Every YAML in configs/ parses through the lit-icl LightningCLI and builds its model and data."""
 
 import re
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default logger / checkpoint dirs are relative
+    monkeypatch.setattr(sys, "argv", ["lit-icl"])  # parse only the args given below
     cli = build_cli(["--config", str(path)], run=False)
     assert isinstance(cli.model, LitTransformerLM) and isinstance(cli.trainer, pl.Trainer)
     assert isinstance(cli.datamodule, AssociativeRecallDataModule)

@@ -13,6 +13,9 @@ EXACT = [
 ] + [
     dict(attention="softmax", position=pos, momentum=eta)
     for pos, eta in itertools.product(["learned", "rope", "none"], [0.0, 0.6])
+] + [
+    dict(attention=att, feature_map="elu", position=pos, momentum=0.6, token_shift=True)
+    for att, pos in itertools.product(["linear", "softmax"], ["learned", "rope"])
 ]
 
 

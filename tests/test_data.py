@@ -68,6 +68,7 @@ def test_heldout_episodes(tiny_data):
     more = tiny_data.heldout_episodes(n_shots=4, num_episodes=32)
     assert torch.equal(more.demo_ids[:, :6], ep.demo_ids), "more shots extend the same maps"
     assert len(tiny_data.heldout_episodes(1, num_episodes=5)) == 5
+    assert tiny_data.heldout_episodes(0).demo_ids.shape == (32, 0), "zero-shot: the query alone"
 
 
 def test_heldout_maps_are_not_training_maps(tiny_data):
@@ -122,7 +123,7 @@ def test_bad_arguments_raise(kwargs, match):
         AssociativeRecallDataModule(**kwargs)
 
 
-@pytest.mark.parametrize("n_shots, num", [(0, None), (5, None), (2, 0)])
+@pytest.mark.parametrize("n_shots, num", [(-1, None), (5, None), (2, 0)])
 def test_bad_heldout_arguments_raise(tiny_data, n_shots, num):
     with pytest.raises(ValueError, match="heldout_episodes"):
         tiny_data.heldout_episodes(n_shots, num)

@@ -109,3 +109,27 @@ def test_weight_tying_and_gradients_flow():
     x = torch.randint(0, V, (2, 9))
     model(x).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_shift_tokens_skips_padding_and_carries_the_last_token():
+    from lit_icl.model import shift_tokens
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 0, 9]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 1]]).bool()
+    previous, last = shift_tokens(ids, mask, torch.tensor([3, -1]))
+    assert previous[:, 2:].tolist() == [[3, 5], [8, 8]] and previous[1, :2].tolist() == [-1, 7]
+    assert last.tolist() == [6, 9]
+    previous, last = shift_tokens(ids, None, torch.tensor([3, -1]))
+    assert previous.tolist() == [[3, 0, 0, 5], [-1, 7, 8, 0]] and last.tolist() == [6, 9]
+
+
+def test_token_shift_changes_the_input_only_through_the_previous_token():
+    torch.manual_seed(0)
+    model = TransformerLM(cfg(token_shift=True, position="none")).double()
+    x = torch.randint(0, V, (1, 6))
+    out = model.run(x)
+    assert out.last_token.tolist() == [int(x[0, -1])]
+    y = x.clone()
+    y[0, 2] = (y[0, 2] + 1) % V  # changes position 2 directly and position 3 through the shift
+    diff = (model(x) - model(y)).abs().amax(-1)[0]
+    assert (diff[:2] == 0).all() and (diff[2:] > 0).all()
