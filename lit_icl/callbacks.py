@@ -52,8 +52,8 @@ class EpisodeRuns:
     attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q]."""
 
     def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict):
-        query, Q = episodes.query_ids, episodes.query_ids.shape[1]
-        zs = model.run(query, need_attn=True)
+        query, qmask, Q = episodes.query_ids, episodes.query_mask, episodes.query_ids.shape[1]
+        zs = model.run(query, attention_mask=qmask, need_attn=True)
         self.logits = {"zero_shot": zs.logits[:, -1]}
         self.outputs = {"zero_shot": [a[:, -1] for a in zs.attn_outputs]}
         self.scores = {"zero_shot": zs.attn_scores}
@@ -67,9 +67,9 @@ class EpisodeRuns:
         self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
         self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
         state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask)
-        self.logits["converted"] = model(query, state=state)[:, -1]
+        self.logits["converted"] = model(query, state=state, attention_mask=qmask)[:, -1]
         weights = finetune_batched(model, *episodes.demonstrations(), **finetune_kwargs)
-        logits, outputs, scores = finetuned_logits(model, weights, query, need_attn=True)
+        logits, outputs, scores = finetuned_logits(model, weights, query, qmask, need_attn=True)
         self.logits["finetuned"] = logits[:, -1]
         self.outputs["finetuned"] = [a[:, -1] for a in outputs]
         self.scores["finetuned"] = scores

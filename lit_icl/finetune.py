@@ -132,23 +132,30 @@ class _Run(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: Tensor, need_attn: bool):
-        out = self.model.run(ids, need_attn=need_attn, check=False)
+    def forward(self, ids: Tensor, mask: Tensor | None, need_attn: bool):
+        out = self.model.run(ids, attention_mask=mask, need_attn=need_attn, check=False)
         return out.logits, out.attn_outputs, out.attn_scores
 
 
 @torch.no_grad()
-def finetuned_logits(model: TransformerLM, weights: dict[str, Tensor], input_ids: Tensor, need_attn: bool = False):
-    """Episode i's finetuned copy (weights[name][i]) run on input_ids[i] [N, T]: logits
-    [N, T, V], and with need_attn also the per-layer attention outputs [N, T, C] and
-    last-position scores [N, H, T] (lists over layers, empty otherwise)."""
+def finetuned_logits(
+    model: TransformerLM,
+    weights: dict[str, Tensor],
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    need_attn: bool = False,
+):
+    """Episode i's finetuned copy (weights[name][i]) run on input_ids[i] [N, T] (with its
+    attention_mask row): logits [N, T, V], and with need_attn also the per-layer attention
+    outputs [N, T, C] and last-position scores [N, H, T] (lists over layers, empty otherwise)."""
     runner = _Run(model)
 
-    def one(p: dict[str, Tensor], ids: Tensor):
+    def one(p: dict[str, Tensor], ids: Tensor, mask: Tensor | None):
         logits, outputs, scores = functional_call(
-            runner, {f"model.{n}": w for n, w in p.items()}, (ids[None], need_attn), strict=False
+            runner, {f"model.{n}": w for n, w in p.items()},
+            (ids[None], None if mask is None else mask[None], need_attn), strict=False,
         )
         return logits[0], [a[0] for a in outputs], [s[0] for s in scores]
 
     with evaluating(model):
-        return vmap(one)(weights, input_ids)
+        return vmap(one, in_dims=(0, 0, None if attention_mask is None else 0))(weights, input_ids, attention_mask)

@@ -128,3 +128,27 @@ def test_bad_arguments():
         ICLConversionCallback(shots=[])
     with pytest.raises(ValueError, match="every_n_validations=0"):
         ICLConversionCallback(every_n_validations=0)
+
+
+def test_episode_runs_with_padded_demonstrations_and_queries():
+    """Variable-length episodes (padding in demonstrations and queries) give, row by row, the
+    numbers of the same episode run alone without padding."""
+    from lit_icl.data import Episodes
+
+    module, _ = tiny(momentum=0.4, token_shift=True)
+    model = module.model.double().eval()
+    demo = torch.tensor([[3, 4, 5, 6, 7], [0, 0, 8, 9, 10]])
+    index = torch.tensor([[0, 0, 1, 1, 1], [-1, -1, 0, 1, 1]])
+    query = torch.tensor([[11, 2], [0, 12]])
+    qmask = torch.tensor([[1, 1], [0, 1]])
+    eps = Episodes(demo, query, torch.tensor([9, 10]), torch.tensor([9, 10, 11]), index, qmask)
+    kw = dict(params="kv", lr=0.5, epochs=1)
+    runs = EpisodeRuns(model, eps, kw)
+    torch.testing.assert_close(runs.logits["converted"], runs.logits["prompted"], rtol=1e-10, atol=1e-10)
+    for i in range(2):
+        d = demo[i][index[i] >= 0][None]
+        q = query[i][qmask[i] > 0][None]
+        alone = Episodes(d, q, eps.answers[i : i + 1], eps.candidates, index[i][index[i] >= 0][None])
+        ref = EpisodeRuns(model, alone, kw)
+        for name in ("zero_shot", "prompted", "converted", "finetuned"):
+            torch.testing.assert_close(runs.logits[name][i], ref.logits[name][0], rtol=1e-9, atol=1e-10)

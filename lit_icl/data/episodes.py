@@ -23,6 +23,8 @@ class Episodes:
             ``demo_ids`` belongs to, ``-1`` at padding (rows of different lengths). ``None``:
             each row of ``demo_ids`` is one demonstration, without padding. The finetuning
             baseline trains on one demonstration per step, so it needs the split.
+        query_mask: optional ``[N, Q]`` (1 = token) for queries of different lengths, padded on
+            the LEFT so that every query ends at position ``Q - 1``. ``None``: no padding.
     """
 
     demo_ids: torch.Tensor
@@ -30,6 +32,7 @@ class Episodes:
     answers: torch.Tensor
     candidates: torch.Tensor
     shot_index: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name, want_dim in (("demo_ids", 2), ("query_ids", 2), ("answers", 1), ("candidates", 1)):
@@ -54,6 +57,13 @@ class Episodes:
             raise ValueError("Episodes.candidates must hold at least one token id, got shape (0,)")
         if n and not torch.isin(self.answers, self.candidates).all():
             raise ValueError("Episodes.answers must all be among Episodes.candidates")
+        if self.query_mask is not None and (
+            self.query_mask.shape != self.query_ids.shape or not bool(self.query_mask[:, -1].all())
+        ):
+            raise ValueError(
+                f"Episodes.query_mask must match query_ids {tuple(self.query_ids.shape)} with every "
+                f"query's last token real (left padding), got {tuple(self.query_mask.shape)}"
+            )
         if self.shot_index is not None and self.shot_index.shape != self.demo_ids.shape:
             raise ValueError(
                 f"Episodes.shot_index shape {tuple(self.shot_index.shape)} != demo_ids shape "
@@ -84,12 +94,13 @@ class Episodes:
         if not isinstance(rows, slice):
             raise TypeError(f"Episodes are indexed by a slice, got {type(rows).__name__}")
         index = None if self.shot_index is None else self.shot_index[rows]
-        return Episodes(self.demo_ids[rows], self.query_ids[rows], self.answers[rows], self.candidates, index)
+        qmask = None if self.query_mask is None else self.query_mask[rows]
+        return Episodes(self.demo_ids[rows], self.query_ids[rows], self.answers[rows], self.candidates, index, qmask)
 
     def to(self, device: torch.device | str) -> "Episodes":
         """A copy with every tensor on ``device``."""
-        index = None if self.shot_index is None else self.shot_index.to(device)
-        return Episodes(*(t.to(device) for t in (self.demo_ids, self.query_ids, self.answers, self.candidates)), index)
+        move = [None if t is None else t.to(device) for t in (self.shot_index, self.query_mask)]
+        return Episodes(*(t.to(device) for t in (self.demo_ids, self.query_ids, self.answers, self.candidates)), *move)
 
     @property
     def demo_mask(self) -> torch.Tensor | None:
@@ -101,8 +112,12 @@ class Episodes:
     @property
     def prompt_mask(self) -> torch.Tensor | None:
         """The attention mask of ``prompts`` (``None`` when nothing is padded)."""
-        mask = self.demo_mask
-        return None if mask is None else torch.cat([mask, torch.ones_like(self.query_ids)], dim=1)
+        demo, query = self.demo_mask, self.query_mask
+        if demo is None and query is None:
+            return None
+        demo = torch.ones_like(self.demo_ids) if demo is None else demo
+        query = torch.ones_like(self.query_ids) if query is None else query.long()
+        return torch.cat([demo, query], dim=1)
 
     def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The demonstrations one by one: ids ``[N, k, L]`` left-padded to the longest, and
