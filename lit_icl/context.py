@@ -30,10 +30,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lit_icl.model import TransformerLM
+from lit_icl.model import TransformerConfig, TransformerLM
+from lit_icl.ops import feature_dim
 
 FORMAT = "lit_icl.ContextState/1"
-MODES = {"linear": ("exact",), "softmax": ("kv",)}
+MODES = {"linear": ("exact",), "softmax": ("kv", "prf", "taylor")}
+APPROXIMATE = ("prf", "taylor")
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position", "token_shift")
 
 
@@ -139,6 +141,25 @@ def fingerprint(model: TransformerLM) -> str:
     return h.hexdigest()
 
 
+def expected_shapes(cfg: TransformerConfig, mode: str) -> dict[str, tuple[int | None, ...]]:
+    """Per-layer state tensors of a `mode` state for a model of `cfg`, without the batch
+    dimension (None = any length)."""
+    H, D = cfg.n_head, cfg.head_dim
+    if mode == "exact":
+        F = feature_dim(cfg.feature_map, D)
+        shapes: dict[str, tuple[int | None, ...]] = {"S": (H, F, D), "z": (H, F)}
+    elif mode == "kv":
+        shapes = {"k": (H, None, D), "v": (H, None, D), "kv_mask": (None,)}
+    elif mode == "taylor":
+        F = feature_dim("taylor", D)
+        shapes = {"S": (H, F, D), "z": (H, F)}
+    else:  # prf
+        shapes = {"S": (H, None, D), "z": (H, None), "W": (H, None, D)}
+    if cfg.momentum > 0:
+        shapes["m"] = (H, D)
+    return shapes
+
+
 def check_compatible(state: ContextState, model: TransformerLM) -> None:
     """ValueError naming the first mismatch between `state` and what `model` carries."""
     cfg = model.config
@@ -147,7 +168,7 @@ def check_compatible(state: ContextState, model: TransformerLM) -> None:
         raise ValueError(f"state mode {state.mode!r} does not fit {cfg.attention} attention (allowed: {allowed})")
     if len(state.layers) != cfg.n_layer:
         raise ValueError(f"state has {len(state.layers)} layers, the model has {cfg.n_layer}")
-    expected = model.state_shapes()
+    expected = expected_shapes(cfg, state.mode)
     B = state.batch_size
     for i, layer in enumerate(state.layers):
         if set(layer) != set(expected):
@@ -160,6 +181,28 @@ def check_compatible(state: ContextState, model: TransformerLM) -> None:
                 raise ValueError(f"layer {i} state {name!r} has shape {got}, the model needs [B={B}, {shape}]")
 
 
+def approximate_state(
+    model: TransformerLM, batch: int, mode: str, num_features: int = 256, seed: int = 0, device=None
+) -> ContextState:
+    """An empty ICLAA state (zero sums) for a softmax model: what `convert` continues from in
+    mode "prf" (one N(0, I) projection [m, d] per layer and head, from `seed`) or "taylor"."""
+    cfg = model.config
+    H, D = cfg.n_head, cfg.head_dim
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+    F = num_features if mode == "prf" else feature_dim("taylor", D)
+    layers = []
+    for _ in range(cfg.n_layer):
+        layer = {"S": torch.zeros(batch, H, F, D, dtype=dtype, device=device),
+                 "z": torch.zeros(batch, H, F, dtype=dtype, device=device)}
+        if mode == "prf":
+            W = torch.randn(H, num_features, D, generator=gen, dtype=torch.float64)
+            layer["W"] = W.to(dtype=dtype, device=device).expand(batch, H, num_features, D)
+        layers.append(layer)
+    none = torch.full((batch,), -1, dtype=torch.long, device=device)
+    return ContextState(layers, torch.zeros(batch, dtype=torch.long, device=device), none, mode)
+
+
 @torch.no_grad()
 def convert(
     model: TransformerLM,
@@ -167,13 +210,18 @@ def convert(
     attention_mask: Tensor | None = None,
     state: ContextState | None = None,
     mode: str | None = None,
+    num_features: int = 256,
+    seed: int = 0,
 ) -> ContextState:
     """ICLCA, Algorithm 1: one no-grad forward pass over the demonstrations [B, M] gives every
     layer's bias terms (b_KV, b_D), momentum accumulator or KV prefix, and each row's offset.
 
     attention_mask [B, M] (1 = token) lets rows of different lengths, padded on either side,
     convert exactly. With `state`, the demonstrations continue it (incremental conversion).
-    mode: "exact" for linear attention (the only mode), "kv" for softmax (exact KV prefix).
+    mode: "exact" for linear attention (the only mode). For softmax attention "kv" (the
+    exact KV prefix, default), or ICLAA's approximate biases b_KV = sum phi(k') v'^T,
+    b_D = sum phi(k') with phi = positive random features ("prf", `num_features` of them,
+    drawn from `seed`) or the second-order Taylor map ("taylor") of exp(q.k/sqrt d).
     Put the model in eval mode first if it has dropout.
     """
     if not isinstance(model, TransformerLM):
@@ -186,6 +234,10 @@ def convert(
         if state.mode != mode:
             raise ValueError(f"cannot continue a {state.mode!r} state in mode {mode!r}")
         check_compatible(state, model)
+    elif mode in APPROXIMATE:
+        if num_features < 1:
+            raise ValueError(f"num_features={num_features} must be >= 1")
+        state = approximate_state(model, demo_ids.shape[0], mode, num_features, seed, demo_ids.device)
     out = model.run(demo_ids, state=state, attention_mask=attention_mask, need_state=True)
     return ContextState(out.layers, out.offset, out.last_token, mode)
 

@@ -27,12 +27,14 @@ from torch import Tensor
 
 from lit_icl.ops import (
     FEATURE_MAPS,
-    feature_dim,
     feature_map,
     linear_attention_chunked,
     momentum_chunked,
+    positive_random_features,
     rope,
     softmax_attention,
+    softmax_attention_biased,
+    taylor,
 )
 
 ATTENTIONS = ("linear", "softmax")
@@ -130,13 +132,26 @@ class Attention(nn.Module):
             o, (new["S"], new["z"]) = linear_attention_chunked(q, k, v, prior, cfg.chunk_size, EPS)
             score_scale = 1.0
         else:
-            o = softmax_attention(q, k, v, state.get("k"), state.get("v"), state.get("kv_mask"), mask)
+            prefix = (state.get("k"), state.get("v"), state.get("kv_mask"))
+            if "S" in state:  # approximate context (ICLAA): feature-map sums of the context keys
+                fq = approximate_features(q, state.get("W"))
+                o = softmax_attention_biased(q, k, v, fq, state["S"], state["z"], mask, *prefix)
+            else:
+                o = softmax_attention(q, k, v, *prefix, mask)
             if need_state:
-                real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
-                new["k"], new["v"], new["kv_mask"] = (
-                    torch.cat([state[n], t], dim=d) if n in state else t
-                    for n, t, d in (("k", k, 2), ("v", v, 2), ("kv_mask", real, 1))
-                )
+                new.update({n: state[n] for n in ("S", "z", "W") if n in state})
+                if "S" in state and "k" not in state:  # convert: fold the tokens into the sums
+                    fk = approximate_features(k, state.get("W"))
+                    if mask is not None:
+                        fk = fk * mask[:, None, :, None].to(fk.dtype)
+                    new["S"] = state["S"] + fk.transpose(-1, -2) @ v
+                    new["z"] = state["z"] + fk.sum(dim=2)
+                else:  # exact KV prefix, or the KV cache of decoding after an approximate context
+                    real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
+                    new["k"], new["v"], new["kv_mask"] = (
+                        torch.cat([state[n], t], dim=d) if n in state else t
+                        for n, t, d in (("k", k, 2), ("v", v, 2), ("kv_mask", real, 1))
+                    )
             score_scale = 1.0 / math.sqrt(cfg.head_dim)
         if cfg.momentum > 0:
             mo, new["m"] = momentum_chunked(v, cfg.momentum, state.get("m"), mask, cfg.chunk_size)
@@ -283,20 +298,6 @@ class TransformerLM(nn.Module):
             offset, last_token = offset.expand(B), last_token.expand(B)
         return layers, offset, last_token
 
-    def state_shapes(self) -> dict[str, tuple[Optional[int], ...]]:
-        """Per-layer state tensors this model carries, without the batch dimension (None =
-        any length); used to check a saved ContextState against the model."""
-        cfg = self.config
-        H, D = cfg.n_head, cfg.head_dim
-        if cfg.attention == "linear":
-            Fd = feature_dim(cfg.feature_map, D)
-            shapes: dict[str, tuple[Optional[int], ...]] = {"S": (H, Fd, D), "z": (H, Fd)}
-        else:
-            shapes = {"k": (H, None, D), "v": (H, None, D), "kv_mask": (None,)}
-        if cfg.momentum > 0:
-            shapes["m"] = (H, D)
-        return shapes
-
     def install_context(self, state) -> None:
         """Carry `state` (layers, offset, last_token) as buffers, used whenever forward gets
         no state."""
@@ -326,6 +327,12 @@ class BakedContext(nn.Module):
     @property
     def last_token(self) -> Tensor:
         return self.last_token_
+
+
+def approximate_features(x: Tensor, W: Tensor | None) -> Tensor:
+    """phi of approximate conversion for softmax attention: positive random features with
+    projection W [B, H, m, d], or (W None) the second-order Taylor map 1 + s + s^2/2 of exp(s)."""
+    return taylor(x) if W is None else positive_random_features(x, W)
 
 
 def shift_tokens(input_ids: Tensor, mask: Tensor | None, last_token: Tensor) -> tuple[Tensor, Tensor]:

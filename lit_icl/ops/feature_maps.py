@@ -53,3 +53,17 @@ def feature_dim(name: str, d: int) -> int:
     """Size of phi(x) for x of size d."""
     feature_map(name)
     return 1 + d + d * d if name == "taylor" else d
+
+
+def positive_random_features(x: Tensor, W: Tensor) -> Tensor:
+    """Positive random features (Performer's FAVOR+, Choromanski et al. 2021) for the softmax
+    kernel: with x' = x / d^(1/4) and rows w_i ~ N(0, I) of W [..., m, d],
+
+        phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),   E[phi(q).phi(k)] = exp(q.k / sqrt(d)).
+
+    x [..., T, d] -> [..., T, m]; W broadcasts against x's leading dimensions.
+    """
+    d, m = x.shape[-1], W.shape[-2]
+    xs = x / d**0.25
+    proj = xs @ W.transpose(-1, -2)
+    return torch.exp(proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(m)

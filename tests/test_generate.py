@@ -1,0 +1,65 @@
+"""Decoding: with a converted context, greedy tokens equal prompting with the demonstrations."""
+import pytest
+import torch
+
+from lit_icl import TransformerConfig, TransformerLM, convert
+from lit_icl.generate import generate
+
+V = 30
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=48, chunk_size=4, **kw)
+    return TransformerLM(cfg).double().eval()
+
+
+def naive_greedy(m, ids, n):
+    """Re-run the whole sequence for every new token: the obviously correct reference."""
+    for _ in range(n):
+        ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, -n:]
+
+
+@pytest.mark.parametrize("kw", [dict(attention="linear", momentum=0.5, token_shift=True),
+                                dict(attention="linear", feature_map="taylor", position="rope"),
+                                dict(attention="softmax", momentum=0.3, token_shift=True)])
+def test_greedy_with_context_equals_prompting(kw):
+    m = model(**kw)
+    demo, prompt = torch.randint(1, V, (3, 12)), torch.randint(1, V, (3, 4))
+    expected = naive_greedy(m, torch.cat([demo, prompt], 1), 10)
+    assert torch.equal(generate(m, torch.cat([demo, prompt], 1), 10), expected)
+    assert torch.equal(generate(m, prompt, 10, state=convert(m, demo)), expected)
+
+
+def test_approximate_context_decodes_the_input_exactly():
+    """After an approximate context, the prompt and generated tokens attend each other exactly:
+    with zero context sums the result is plain greedy decoding of the prompt."""
+    m = model(attention="softmax")
+    prompt = torch.randint(1, V, (2, 5))
+    state = convert(m, torch.randint(1, V, (2, 6)), mode="taylor")
+    for layer in state.layers:
+        layer["S"].zero_()
+        layer["z"].zero_()
+    state.offset.zero_()
+    state.last_token.fill_(-1)
+    assert torch.equal(generate(m, prompt, 6, state=state), naive_greedy(m, prompt, 6))
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    m = model()
+    prompt = torch.randint(1, V, (4, 3))
+    a = generate(m, prompt, 8, temperature=1.0, top_k=3, seed=1)
+    assert torch.equal(a, generate(m, prompt, 8, temperature=1.0, top_k=3, seed=1))
+    first = m(prompt)[:, -1].topk(3).indices
+    assert all(int(a[i, 0]) in first[i].tolist() for i in range(4))
+
+
+def test_bad_arguments():
+    m = model()
+    with pytest.raises(ValueError, match="more than block_size=48"):
+        generate(m, torch.ones(1, 40, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="T >= 1"):
+        generate(m, torch.ones(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        generate(m, torch.ones(1, 2, dtype=torch.long), 0)
