@@ -1,5 +1,5 @@
 """Pure tensor functions (no nn.Module, no Lightning): attention kernels with state in/out."""
-from lit_icl.ops.feature_maps import FEATURE_MAPS, feature_dim, feature_map
+from lit_icl.ops.feature_maps import FEATURE_MAPS, feature_dim, feature_map, positive_random_features, taylor
 from lit_icl.ops.linear_attention import (
     linear_attention_chunked,
     linear_attention_quadratic,
@@ -7,10 +7,10 @@ from lit_icl.ops.linear_attention import (
 )
 from lit_icl.ops.momentum import momentum_chunked, momentum_recurrent
 from lit_icl.ops.rope import rope
-from lit_icl.ops.softmax_attention import attention_mask, softmax_attention
+from lit_icl.ops.softmax_attention import attention_mask, softmax_attention, softmax_attention_biased
 
 __all__ = [
-    "FEATURE_MAPS", "feature_dim", "feature_map",
+    "FEATURE_MAPS", "feature_dim", "feature_map", "positive_random_features", "taylor",
     "linear_attention_chunked", "linear_attention_quadratic", "linear_attention_recurrent",
-    "momentum_chunked", "momentum_recurrent", "rope", "attention_mask", "softmax_attention",
+    "momentum_chunked", "momentum_recurrent", "rope", "attention_mask", "softmax_attention", "softmax_attention_biased",
 ]
