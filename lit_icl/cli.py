@@ -74,7 +74,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lit-icl`` (``args`` defaults to ``sys.argv[1:]``)."""
+    """Entry point of ``lit-icl`` (``args`` defaults to ``sys.argv[1:]``): fit, validate, test
+    and predict through LightningCLI; convert and generate from `lit_icl.commands`."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in ("convert", "generate"):
+        from lit_icl.commands import run
+
+        run(argv[0], argv[1:])
+        return
     try:
         build_cli(args)
     except ConfigError as err:

@@ -21,15 +21,15 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from importlib.metadata import version
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lit_icl.files import atomic_path
 from lit_icl.model import TransformerConfig, TransformerLM
 from lit_icl.ops import feature_dim
 
@@ -76,22 +76,20 @@ class ContextState:
     def save(self, path: str | os.PathLike, model: TransformerLM | None = None) -> None:
         """Write a safetensors file atomically (temp file + rename): never a partial file.
         With `model`, its architecture and weight fingerprint go into the metadata."""
-        tensors = {f"layers.{i}.{n}": t.contiguous() for i, layer in enumerate(self.layers) for n, t in layer.items()}
-        tensors["offset"] = self.offset.contiguous()
-        tensors["last_token"] = self.last_token.contiguous()
-        meta = {"format": FORMAT, "mode": self.mode, "n_layer": str(len(self.layers))}
+        named = [(f"layers.{i}.{n}", t) for i, layer in enumerate(self.layers) for n, t in layer.items()]
+        named += [("offset", self.offset), ("last_token", self.last_token)]
+        tensors, seen = {}, set()
+        for name, t in named:  # safetensors refuses shared storage (layers share kv_mask)
+            t = t.contiguous()
+            tensors[name] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        meta = {"format": FORMAT, "mode": self.mode, "n_layer": str(len(self.layers)),
+                "num_tokens": json.dumps(self.offset.tolist()), "lit_icl_version": version("lit_icl")}
         if model is not None:
             meta["arch"] = json.dumps({f: getattr(model.config, f) for f in ARCH_FIELDS})
             meta["fingerprint"] = fingerprint(model)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: TransformerLM, strict: bool = True) -> "ContextState":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -315,6 +316,17 @@ class BakedContext(nn.Module):
                 self.register_buffer(f"l{i}_{name}", t.detach().clone())
         self.register_buffer("offset_", offset.detach().clone())
         self.register_buffer("last_token_", last_token.detach().clone())
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str) -> "BakedContext":
+        """Rebuild the buffers saved under `prefix` (e.g. "model.context.") in a state dict."""
+        entries = {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+        per_layer = [(re.fullmatch(r"l(\d+)_(\w+)", k), t) for k, t in entries.items()]
+        layers: list[dict[str, Tensor]] = [{} for _ in range(1 + max(int(m[1]) for m, _ in per_layer if m))]
+        for match, t in per_layer:
+            if match:
+                layers[int(match[1])][match[2]] = t
+        return cls(layers, entries["offset_"], entries["last_token_"])
 
     @property
     def layers(self) -> list[dict[str, Tensor]]:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lit_icl.model import TransformerConfig, TransformerLM
+from lit_icl.model import BakedContext, TransformerConfig, TransformerLM
 
 __all__ = ["LitTransformerLM", "lr_lambda"]
 
@@ -142,6 +142,13 @@ class LitTransformerLM(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch["input_ids"], batch.get("attention_mask"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A baked checkpoint (`lit-icl convert --bake`) carries context buffers under
+        model.context.*: install a context of their shapes so the state dict loads."""
+        prefix = "model.context."
+        if any(k.startswith(prefix) for k in checkpoint["state_dict"]):
+            self.model.context = BakedContext.from_state_dict(checkpoint["state_dict"], prefix)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with weight decay on ``dim >= 2`` parameters only; LambdaLR (:func:`lr_lambda`) per step."""

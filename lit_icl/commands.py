@@ -1,0 +1,150 @@
+"""`lit-icl convert` and `lit-icl generate`: converted contexts as files, and decoding with them.
+
+    lit-icl convert --ckpt CKPT --demos demos.jsonl --out ctx.safetensors [--mode prf]
+    lit-icl convert --ckpt CKPT --demos demos.jsonl --bake baked.ckpt
+    lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
+
+demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or `{"text": "..."}`
+when the checkpoint carries a tokenizer. Every failure (a missing or truncated file, a state
+made for another model, a context longer than block_size, an empty file, a bad line) ends
+with one line `lit-icl <command>: error: ...` and exit status 2; outputs are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser
+
+from lit_icl.context import ContextState, bake, convert
+from lit_icl.files import atomic_path, load_checkpoint
+from lit_icl.generate import generate
+from lit_icl.module import LitTransformerLM
+
+
+def load_module(path: str) -> tuple[LitTransformerLM, dict]:
+    """The LitTransformerLM of a checkpoint (weights_only loading) and the raw checkpoint."""
+    checkpoint = load_checkpoint(path)
+    module = LitTransformerLM(checkpoint["hyper_parameters"]["config"])
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval(), checkpoint
+
+
+def checkpoint_tokenizer(checkpoint: dict):
+    """The `tokenizers.Tokenizer` a checkpoint carries (a "tokenizer" JSON string in its
+    DataModule state), or None."""
+    from tokenizers import Tokenizer
+
+    for value in checkpoint.values():
+        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
+            return Tokenizer.from_str(value["tokenizer"])
+    return None
+
+
+def read_demos(path: str, tokenizer) -> list[list[int]]:
+    """Token ids of each line of a JSONL demonstration file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"demonstration file {path} does not exist")
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+            ids = record["input_ids"]
+            if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{path}:{number}: input_ids must be a non-empty list of integers")
+        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+            if tokenizer is None:
+                raise ValueError(f"{path}:{number}: a text line needs a checkpoint with a tokenizer; give input_ids")
+            ids = tokenizer.encode(record["text"]).ids
+        else:
+            raise ValueError(f'{path}:{number}: expected {{"input_ids": [...]}} or {{"text": "..."}}')
+        rows.append(ids)
+    if not rows:
+        raise ValueError(f"{path} holds no demonstrations")
+    return rows
+
+
+def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, M] ids and mask of rows of different lengths, padded on the left."""
+    M = max(map(len, rows))
+    ids = torch.zeros(len(rows), M, dtype=torch.long)
+    mask = torch.zeros(len(rows), M, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, M - len(row):], mask[r, M - len(row):] = torch.tensor(row), 1
+    return ids, mask
+
+
+def convert_main(args: list[str]) -> None:
+    parser = ArgumentParser(prog="lit-icl convert", description="Convert demonstrations into a context state.")
+    parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt)")
+    parser.add_argument("--demos", required=True, help="JSONL, one demonstration set per line")
+    parser.add_argument("--out", default=None, help="write the ContextState here (.safetensors)")
+    parser.add_argument("--bake", default=None, help="write a checkpoint with the biases built in")
+    parser.add_argument("--mode", default=None, help="exact (linear) | kv, prf, taylor (softmax)")
+    parser.add_argument("--num_features", type=int, default=256, help="random features of mode prf")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random features")
+    cfg = parser.parse_args(args)
+    if (cfg.out is None) == (cfg.bake is None):
+        raise ValueError("give exactly one of --out (a context file) and --bake (a checkpoint)")
+    module, checkpoint = load_module(cfg.ckpt)
+    ids, mask = left_pad(read_demos(cfg.demos, checkpoint_tokenizer(checkpoint)))
+    state = convert(module.model, ids, attention_mask=mask, mode=cfg.mode,
+                    num_features=cfg.num_features, seed=cfg.seed)
+    if cfg.out is not None:
+        state.save(cfg.out, module.model)
+        print(f"wrote {cfg.out}: {state.batch_size} context(s) of {state.offset.tolist()} tokens, mode {state.mode}")
+        return
+    if state.batch_size != 1:
+        raise ValueError(f"--bake builds one context into the weights; {cfg.demos} holds {state.batch_size}")
+    module.model = bake(module.model, state)
+    checkpoint["state_dict"] = module.state_dict()
+    with atomic_path(cfg.bake) as tmp:
+        torch.save(checkpoint, tmp)
+    print(f"wrote {cfg.bake}: the model with {int(state.offset[0])} context tokens built in")
+
+
+def generate_main(args: list[str]) -> None:
+    parser = ArgumentParser(prog="lit-icl generate", description="Continue a prompt, optionally after a context.")
+    parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt)")
+    parser.add_argument("--context", default=None, help="a ContextState file from lit-icl convert")
+    parser.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
+    parser.add_argument("--input_ids", type=list[int], default=None, help="prompt token ids")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k most likely")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    cfg = parser.parse_args(args)
+    module, checkpoint = load_module(cfg.ckpt)
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    if (cfg.prompt is None) == (cfg.input_ids is None):
+        raise ValueError("give exactly one of --prompt and --input_ids")
+    if cfg.prompt is not None and tokenizer is None:
+        raise ValueError(f"{cfg.ckpt} carries no tokenizer: give --input_ids")
+    prompt = cfg.input_ids if cfg.prompt is None else tokenizer.encode(cfg.prompt).ids
+    state = None if cfg.context is None else ContextState.load(cfg.context, module.model)
+    rows = 1 if state is None else state.batch_size
+    ids = torch.tensor([prompt] * rows, dtype=torch.long)
+    out = generate(module.model, ids, cfg.max_new_tokens, state, cfg.temperature, cfg.top_k, cfg.seed)
+    for row in out.tolist():
+        print(tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)))
+
+
+COMMANDS = {"convert": convert_main, "generate": generate_main}
+
+
+def run(command: str, args: list[str]) -> None:
+    """Run a command; its errors become one line on stderr and exit status 2."""
+    try:
+        COMMANDS[command](args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"lit-icl {command}: error: {first}", file=sys.stderr)
+        sys.exit(2)

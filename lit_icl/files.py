@@ -1,0 +1,46 @@
+"""Files that are never half-written, and checkpoints loaded without running pickled code."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path`; when the block succeeds, rename it onto `path`
+    (atomic on POSIX), otherwise delete it. A crash or a kill leaves the old file or none,
+    never a partial one."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True (no code from the file runs); ValueError naming the
+    file when it is missing, truncated or not a lit_icl checkpoint."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, ... : all mean "not loadable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a loadable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint.get("hyper_parameters", {}):
+        raise ValueError(f"{path} is not a lit_icl checkpoint (no state_dict / model config)")
+    return checkpoint
