@@ -38,27 +38,37 @@ from lit_icl.finetune import finetune_batched, finetuned_logits
 from lit_icl.metrics import CandidateAccuracy, ConversionError, Rec2FTP, SimAM, SimAOU, predict
 from lit_icl.model import TransformerLM, evaluating
 
-PREDICTIONS = ("zero_shot", "prompted", "converted", "finetuned")
-
-
 def converted_label(model: TransformerLM) -> str:
     """"converted" for linear attention (exact biases), "converted_kv" for a softmax KV prefix."""
     return "converted" if model.config.attention == "linear" else "converted_kv"
 
 
-class EpisodeRuns:
-    """The four runs of BRIEF §4 on one group of episodes: for each prediction the logits at the
-    query's last position [N, V], and for zero_shot / prompted / finetuned the per-layer
-    attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q]."""
+def prediction_names(model: TransformerLM, approximate: Sequence[str] = ()) -> list[str]:
+    """zero_shot, prompted, the exact conversion, finetuned; for softmax models also one
+    `converted_<mode>` per approximate (ICLAA) mode."""
+    names = ["zero_shot", "prompted", converted_label(model), "finetuned"]
+    if model.config.attention == "softmax":
+        names += [f"converted_{mode}" for mode in approximate]
+    return names
 
-    def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict):
+
+class EpisodeRuns:
+    """The runs of BRIEF §4 on one group of episodes: for each prediction the logits at the
+    query's last position [N, V], and for zero_shot / prompted / finetuned the per-layer
+    attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q].
+    `approximate` maps ICLAA modes to convert() keyword arguments (softmax models only)."""
+
+    def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict,
+                 approximate: dict[str, dict] | None = None):
+        approximate = approximate or {}
+        names = prediction_names(model, list(approximate))
         query, qmask, Q = episodes.query_ids, episodes.query_mask, episodes.query_ids.shape[1]
         zs = model.run(query, attention_mask=qmask, need_attn=True)
         self.logits = {"zero_shot": zs.logits[:, -1]}
         self.outputs = {"zero_shot": [a[:, -1] for a in zs.attn_outputs]}
         self.scores = {"zero_shot": zs.attn_scores}
-        if episodes.demo_ids.shape[1] == 0:  # no demonstrations: all four are the query alone
-            for name in PREDICTIONS[1:]:
+        if episodes.demo_ids.shape[1] == 0:  # no demonstrations: every prediction is the query alone
+            for name in names[1:]:
                 self.logits[name] = self.logits["zero_shot"]
                 self.outputs[name], self.scores[name] = self.outputs["zero_shot"], self.scores["zero_shot"]
             return
@@ -66,8 +76,9 @@ class EpisodeRuns:
         self.logits["prompted"] = pr.logits[:, -1]
         self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
         self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
-        state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask)
-        self.logits["converted"] = model(query, state=state, attention_mask=qmask)[:, -1]
+        for name, kwargs in [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
+            state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)
+            self.logits[name] = model(query, state=state, attention_mask=qmask)[:, -1]
         weights = finetune_batched(model, *episodes.demonstrations(), **finetune_kwargs)
         logits, outputs, scores = finetuned_logits(model, weights, query, qmask, need_attn=True)
         self.logits["finetuned"] = logits[:, -1]
@@ -78,20 +89,22 @@ class EpisodeRuns:
 class ICLMetrics(torch.nn.Module):
     """Every metric of one shot count; `update` with an EpisodeRuns, `compute` to a dict."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, names: Sequence[str]):
         super().__init__()
-        self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in PREDICTIONS})
-        self.error = ConversionError()
+        self.names = list(names)
+        self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in names})
+        self.errors = torch.nn.ModuleDict({n: ConversionError() for n in names if n.startswith("converted")})
         self.rec2ftp = Rec2FTP()
         self.simaou, self.simaou_random = SimAOU(n_layer), SimAOU(n_layer)
         self.simam_icl_ft, self.simam_icl_zsl = SimAM(n_layer), SimAM(n_layer)
 
     def update(self, runs: EpisodeRuns, episodes: Episodes, random_updates: list[Tensor]) -> None:
         correct = {}
-        for name in PREDICTIONS:
+        for name in self.names:
             self.acc[name].update(runs.logits[name], episodes.candidates, episodes.answers)
             correct[name] = predict(runs.logits[name], episodes.candidates) == episodes.answers
-        self.error.update(runs.logits["prompted"], runs.logits["converted"])
+        for name, error in self.errors.items():
+            error.update(runs.logits["prompted"], runs.logits[name])
         self.rec2ftp.update(correct["zero_shot"], correct["finetuned"], correct["prompted"])
         zs, icl, ft = (runs.outputs[n] for n in ("zero_shot", "prompted", "finetuned"))
         icl_update = [i - z for i, z in zip(icl, zs)]
@@ -100,11 +113,13 @@ class ICLMetrics(torch.nn.Module):
         self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"])
         self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"])
 
-    def compute(self, converted_name: str) -> dict[str, float]:
+    def compute(self) -> dict[str, float]:
+        """Accuracies `<prediction>_acc`; the exact conversion's `max_abs_logit_diff` and
+        `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended."""
         row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
-        row[f"{converted_name}_acc"] = row.pop("converted_acc")
-        err = self.error.compute()
-        row["max_abs_logit_diff"], row["rel_logit_err"] = float(err["max_abs"]), float(err["relative"])
+        for i, (name, error) in enumerate(self.errors.items()):
+            err, suffix = error.compute(), "" if i == 0 else "_" + name.removeprefix("converted_")
+            row[f"max_abs_logit_diff{suffix}"], row[f"rel_logit_err{suffix}"] = float(err["max_abs"]), float(err["relative"])
         for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
             row[name] = float(getattr(self, name).compute())
         return row
@@ -128,7 +143,10 @@ class ICLConversionCallback(Callback):
         finetune_params: what the finetuned copy trains: "kv" (the paper) | "attention" | "all".
         finetune_lr: SGD learning rate of the finetuned copy.
         finetune_epochs: passes over the demonstrations.
-        seed: seed of the random updates of SimAOU's baseline (a private generator).
+        approximate_modes: for softmax models, ICLAA modes ("prf", "taylor") evaluated next to
+            the exact KV prefix (logged as converted_<mode>).
+        num_features: random features of mode "prf".
+        seed: seed of the random updates of SimAOU's baseline and of the random features.
     """
 
     def __init__(
@@ -140,6 +158,8 @@ class ICLConversionCallback(Callback):
         finetune_params: str = "kv",
         finetune_lr: float = 0.1,
         finetune_epochs: int = 1,
+        approximate_modes: Sequence[str] = ("taylor", "prf"),
+        num_features: int = 256,
         seed: int = 0,
     ):
         if not shots or any(int(k) < 0 for k in shots):
@@ -153,6 +173,10 @@ class ICLConversionCallback(Callback):
         self.every_n_validations = every_n_validations
         self.batch_size = batch_size
         self.finetune_kwargs = dict(params=finetune_params, lr=finetune_lr, epochs=finetune_epochs)
+        unknown = set(approximate_modes) - {"prf", "taylor"}
+        if unknown:
+            raise ValueError(f"approximate_modes={list(approximate_modes)}: unknown {sorted(unknown)}; allowed: prf, taylor")
+        self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.seed = seed
         self.validations = 0
         self.declared_hparams = False
@@ -192,11 +216,12 @@ class ICLConversionCallback(Callback):
                 everything = datamodule.heldout_episodes(k, self.num_episodes)
                 randoms = self._random_updates(len(everything), model.config, trainer)
                 episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
-                metrics = ICLMetrics(model.config.n_layer).to(device)
+                approximate = self.approximate if model.config.attention == "softmax" else {}
+                metrics = ICLMetrics(model.config.n_layer, prediction_names(model, list(approximate))).to(device)
                 for sl, group in batches(episodes, self.batch_size):
-                    runs = EpisodeRuns(model, group, self.finetune_kwargs)
+                    runs = EpisodeRuns(model, group, self.finetune_kwargs, approximate)
                     metrics.update(runs, group, [r[sl].to(device) for r in randoms])
-                results[k] = metrics.compute(converted_label(model))
+                results[k] = metrics.compute()
         return results
 
     def _random_updates(self, n: int, cfg, trainer: pl.Trainer) -> list[Tensor]:
@@ -214,7 +239,7 @@ class ICLConversionCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 from lit_icl.plots import accuracy_vs_shots
 
-                fig = accuracy_vs_shots(self.results, converted_label(pl_module.model))
+                fig = accuracy_vs_shots(self.results)
                 logger.experiment.add_figure("icl/accuracy_vs_shots", fig, global_step=trainer.global_step)
                 if not self.declared_hparams:
                     metrics = {f"hp/{n}": v for n, v in top.items() if n.endswith("_acc")}
@@ -227,17 +252,18 @@ class ICLConversionCallback(Callback):
 
 
 def format_summary(results: dict[int, dict[str, float]]) -> str:
-    """Two fixed-width tables: accuracies per shot count, then the comparison metrics."""
-    conv = next(n for n in next(iter(results.values())) if n.startswith("converted"))
-    names = [("zero_shot_acc", "zero-shot"), ("prompted_acc", "prompted"),
-             (conv, conv.removesuffix("_acc").replace("_", " ")), ("finetuned_acc", "finetuned")]
-    head = f"{'shots':>5}" + "".join(f"  {label:>12}" for _, label in names)
+    """Two fixed-width tables: accuracies per shot count (one column per prediction), then the
+    comparison metrics and the conversion errors."""
+    row = next(iter(results.values()))
+    accs = [n for n in row if n.endswith("_acc")]
+    head = f"{'shots':>5}" + "".join(f"  {n.removesuffix('_acc').replace('_', ' '):>13}" for n in accs)
     lines = ["", "In-context learning on held-out episodes (accuracy over the candidate answers)", head]
     for k, r in sorted(results.items()):
-        lines.append(f"{k:>5}" + "".join(f"  {100 * r[n]:>11.1f}%" for n, _ in names))
+        lines.append(f"{k:>5}" + "".join(f"  {100 * r[n]:>12.1f}%" for n in accs))
     extra = [("rec2ftp", "Rec2FTP"), ("simaou", "SimAOU"), ("simaou_random", "SimAOU(rand)"),
              ("simam_icl_ft", "SimAM(ICL,FT)"), ("simam_icl_zsl", "SimAM(ICL,ZSL)"),
              ("max_abs_logit_diff", "max|dlogit|"), ("rel_logit_err", "rel err")]
+    extra += [(n, "rel err " + n.removeprefix("rel_logit_err_")) for n in row if n.startswith("rel_logit_err_")]
     head = f"{'shots':>5}" + "".join(f"  {label:>14}" for _, label in extra)
     lines += ["", head]
     for k, r in sorted(results.items()):

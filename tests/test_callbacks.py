@@ -51,6 +51,11 @@ def test_callback_logs_every_metric_per_shot_count(tmp_path, attention):
             assert f"icl/{name}/k={k}" in t.callback_metrics, name
     zero = cb.results[0]  # no demonstrations: all four predictions are the query alone
     assert zero["zero_shot_acc"] == zero["prompted_acc"] == zero["finetuned_acc"]
+    if attention == "softmax":  # approximate conversion next to the exact KV prefix
+        for mode in ("taylor", "prf"):
+            assert f"icl/converted_{mode}_acc/k=4" in t.callback_metrics
+            assert cb.results[4][f"rel_logit_err_{mode}"] > cb.results[4]["rel_logit_err"]
+            assert f"rel err {mode}" in format_summary(cb.results)
     assert "icl/eval_seconds" in t.callback_metrics and "hp/prompted_acc" in t.callback_metrics
     assert module.training
     assert f"{conv.replace('_', ' ')}" in format_summary(cb.results)
