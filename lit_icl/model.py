@@ -40,6 +40,7 @@ from lit_icl.ops import (
 
 ATTENTIONS = ("linear", "softmax")
 POSITIONS = ("learned", "rope", "none")
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # -> nn.GELU(approximate=...)
 EPS = 1e-6  # guards the linear-attention normaliser phi(q).z against 0 (relu features)
 
 
@@ -61,6 +62,7 @@ class TransformerConfig:
     chunk_size: int = 64  # chunk length of the chunked linear attention / momentum
     tie_weights: bool = True  # share token embedding and output head
     token_shift: bool = False  # add the previous token's embedding to each token's input
+    activation: str = "gelu"  # MLP non-linearity: "gelu" (exact) | "gelu_tanh" (GPT-2)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size"):
@@ -81,6 +83,8 @@ class TransformerConfig:
             raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; allowed: {list(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
 
@@ -172,7 +176,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias),
-            nn.GELU(),
+            nn.GELU(approximate=ACTIVATIONS[cfg.activation]),
             nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias),
             nn.Dropout(cfg.dropout),
         )
@@ -212,6 +216,14 @@ class TransformerLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_hf_gpt2(cls, path) -> "TransformerLM":
+        """A local Hugging Face GPT-2 directory (config.json + model.safetensors or
+        pytorch_model.bin) as a softmax TransformerLM; see `lit_icl.gpt2`. No download."""
+        from lit_icl.gpt2 import from_hf_gpt2
+
+        return from_hf_gpt2(path)
 
     def forward(
         self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None, check: bool = True
