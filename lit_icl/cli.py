@@ -12,6 +12,7 @@ a ValueError/TypeError from a constructor) end with a one-line ``error:`` messag
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lit_icl.data  # noqa: F401  (registers the data modules as known --data subclasses)
-from lit_icl.module import LitTransformerLM
+from lit_icl.module import LitTransformerLM, NonFiniteLossError
 
 __all__ = ["LitICLCLI", "build_cli", "main"]
 
@@ -68,6 +69,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         parser_kwargs={"prog": "lit-icl"},
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
         args=args,
         run=run,
     )
@@ -87,6 +89,11 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"lit-icl: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        if os.environ.get("LIT_ICL_DEBUG"):
+            raise
+        print(f"lit-icl: error: {_root_message(err)} (LIT_ICL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1 if isinstance(err, NonFiniteLossError) else 2)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 class LitTransformerLM(pl.LightningModule):
     """Trains :class:`~lit_icl.model.TransformerLM` with cross-entropy on ``labels`` (``-100`` ignored).
 
@@ -52,6 +56,8 @@ class LitTransformerLM(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: optimizer steps of linear warmup.
         min_lr_ratio: final learning rate as a fraction of ``lr`` after the cosine decay.
+        on_nonfinite: ``"stop"`` (raise NonFiniteLossError naming the step, before the update)
+            or ``"skip"`` (drop that step) when the training loss is NaN or infinite.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class LitTransformerLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         if isinstance(config, Mapping):
@@ -73,6 +80,8 @@ class LitTransformerLM(pl.LightningModule):
                 f"need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got lr={lr}, "
                 f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
             )
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
         self.save_hyperparameters()
         self.hparams["config"] = asdict(config)  # a plain dict: checkpoints hold no custom class
         self.model = TransformerLM(config)
@@ -95,8 +104,28 @@ class LitTransformerLM(pl.LightningModule):
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def setup(self, stage: str) -> None:
+        """Fail in seconds, not after a cluster hour: sequences must fit the model."""
+        length = getattr(self.trainer.datamodule, "seq_len", None) if self.trainer else None
+        if length is not None and length > self.config.block_size:
+            raise ValueError(
+                f"the data's sequences have {length} tokens, more than model.config.block_size="
+                f"{self.config.block_size}"
+            )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """Cross-entropy on the labelled positions. A non-finite loss (on any rank: the ranks
+        agree through one collective) stops training before the update with
+        NonFiniteLossError naming the step, or with on_nonfinite="skip" skips the step."""
         _, loss = self._logits_and_loss(batch)
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            if self.hparams.on_nonfinite == "skip":
+                rank_zero_warn(f"non-finite training loss at step {self.global_step}: step skipped")
+                return None
+            raise NonFiniteLossError(
+                f"non-finite training loss ({float(loss)}) at step {self.global_step}: training stopped "
+                "before the update; the checkpoints on disk hold the last good weights"
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
