@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -68,7 +69,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:
         pl.LightningDataModule,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
-        parser_kwargs={"prog": "lit-icl"},
+        parser_kwargs={"prog": "lit-icl", "exit_on_error": False},  # main() prints one line
         save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
         args=args,
         run=run,
@@ -88,6 +89,10 @@ def main(args: list[str] | None = None) -> None:
         build_cli(args)
     except ConfigError as err:
         print(f"lit-icl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as err:  # a bad option or value on the command line or in a config
+        message = " ".join(str(err).split())
+        print(f"lit-icl: error: {message} (lit-icl fit --help lists the options)", file=sys.stderr)
         sys.exit(2)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         if os.environ.get("LIT_ICL_DEBUG"):

@@ -130,18 +130,39 @@ def bad_cases(tmp_path, ckpts):
         (["generate", "--ckpt", lin, "--context", other_ctx, "--input_ids", "[1]"], "made for another model"),
         (["generate", "--ckpt", lin, "--input_ids", "[1]", "--max_new_tokens", "40"], "more than block_size"),
         (["generate", "--ckpt", lin, "--prompt", "hi"], "carries no tokenizer"),
+        *[(["fit", "--config", QUICKSTART, *override], message) for override, message in FIT_CASES],
     ]
 
 
-def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path, ckpts, capsys):
-    for args, message in bad_cases(tmp_path, ckpts):
+QUICKSTART = __import__("tests.conftest", fromlist=["ROOT"]).ROOT / "configs" / "quickstart.yaml"
+FIT_CASES = [  # bad training configurations: refused before any step runs
+    (["--model.config.attention", "flash"], "attention='flash'; allowed"),
+    (["--model.config.n_embd", "130"], "n_embd=130 must be divisible by n_head=4"),
+    (["--model.config.momentum", "1.0"], "momentum=1.0 must be in [0, 1)"),
+    (["--model.config.feature_map", "cosh"], "feature_map='cosh'; allowed"),
+    (["--model.lr", "-0.1"], "need lr > 0"),
+    (["--model.on_nonfinite", "ignore"], "on_nonfinite='ignore'; allowed"),
+    (["--model.config.block_size", "16"], "sequences have 32 tokens, more than model.config.block_size=16"),
+    (["--data.init_args.n_pairs", "40"], "n_pairs=40 exceeds n_keys=32"),
+    (["--trainer.max_steps", "ten"], "max_steps"),
+]
+
+
+def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path, ckpts, capsys, monkeypatch):
+    """Every bad config, demonstration file, state file and checkpoint: one line naming the
+    problem, a non-zero exit, no traceback, and no output file."""
+    monkeypatch.chdir(tmp_path)  # fit cases would write checkpoints/ and lightning_logs/ here
+    cases = bad_cases(tmp_path, ckpts)
+    assert len(cases) >= 20
+    for args, message in cases:
         code, _, err = cli(args, capsys)
         assert code == 2, (args, err)
-        lines = err.strip().splitlines()
+        lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
         assert len(lines) == 1 and message in lines[0], (args, err)
         assert "Traceback" not in err
         assert not (tmp_path / "out.safetensors").exists()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), "no temp file left"
+    assert not list(tmp_path.glob("checkpoints/*.ckpt")), "no fit case trained"
     assert not __import__("os").path.exists("/tmp/lit_icl_pwned"), "the pickle's code never ran"
 
 
