@@ -182,6 +182,14 @@ class ICLConversionCallback(Callback):
         self.declared_hparams = False
         self.results: dict[int, dict[str, float]] = {}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+            raise ValueError(
+                f"ICLConversionCallback needs the whole model on every rank (it converts, copies and "
+                f"finetunes it), but strategy {name} shards it; use strategy ddp"
+            )
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return

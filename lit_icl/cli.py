@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lit_icl.data  # noqa: F401  (registers the data modules as known --data subclasses)
+from lit_icl.files import load_checkpoint
 from lit_icl.module import LitTransformerLM, NonFiniteLossError
 
 __all__ = ["LitICLCLI", "build_cli", "main"]
@@ -76,6 +77,16 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:
     )
 
 
+def check_ckpt_path(argv: list[str]) -> None:
+    """Load a --ckpt_path file once with weights_only=True before LightningCLI reads it: a
+    truncated, foreign or code-carrying checkpoint becomes a one-line error, never a traceback
+    (and never runs pickled code)."""
+    for i, arg in enumerate(argv):
+        path = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
+        if path and path not in ("last", "hpc", "best", "null") and not path.startswith("registry"):
+            load_checkpoint(path)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-icl`` (``args`` defaults to ``sys.argv[1:]``): fit, validate, test
     and predict through LightningCLI; convert and generate from `lit_icl.commands`."""
@@ -86,6 +97,7 @@ def main(args: list[str] | None = None) -> None:
         run(argv[0], argv[1:])
         return
     try:
+        check_ckpt_path(argv)
         build_cli(args)
     except ConfigError as err:
         print(f"lit-icl: error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,7 +39,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with warnings.catch_warnings():  # the refusal below says it in one line
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, ... : all mean "not loadable"
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} is not a loadable checkpoint (it holds objects other than tensors and plain "
+            "data; refused under weights_only=True, nothing in it was run)"
+        ) from None
+    except Exception as e:  # a truncated or foreign file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path} is not a loadable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint.get("hyper_parameters", {}):

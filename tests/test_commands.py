@@ -131,6 +131,8 @@ def bad_cases(tmp_path, ckpts):
         (["generate", "--ckpt", lin, "--input_ids", "[1]", "--max_new_tokens", "40"], "more than block_size"),
         (["generate", "--ckpt", lin, "--prompt", "hi"], "carries no tokenizer"),
         *[(["fit", "--config", QUICKSTART, *override], message) for override, message in FIT_CASES],
+        (["fit", "--config", QUICKSTART, "--ckpt_path", tmp_path / "evil.ckpt"], "nothing in it was run"),
+        (["fit", "--config", QUICKSTART, "--ckpt_path", truncated], "not a loadable checkpoint"),
     ]
 
 
