@@ -9,24 +9,27 @@ import pytest
 import yaml
 
 from lit_icl.cli import build_cli
-from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.module import LitTransformerLM
+from tests.textdata import write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
+NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml"}  # the corpus is a required argument
 
 
 def test_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "momentum.yaml", "softmax.yaml"}
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "momentum.yaml", "softmax.yaml", "induction.yaml",
+                                        "label_mapping.yaml", "mixture.yaml", "text_momentum.yaml", "templates.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default logger / checkpoint dirs are relative
     monkeypatch.setattr(sys, "argv", ["lit-icl"])  # parse only the args given below
-    cli = build_cli(["--config", str(path)], run=False)
+    extra = ["--data.init_args.corpus", str(write_corpus(tmp_path / "corpus.txt"))] if path.name in NEEDS_CORPUS else []
+    cli = build_cli(["--config", str(path), *extra], run=False)
     assert isinstance(cli.model, LitTransformerLM) and isinstance(cli.trainer, pl.Trainer)
-    assert isinstance(cli.datamodule, AssociativeRecallDataModule)
+    assert isinstance(cli.datamodule, pl.LightningDataModule) and callable(cli.datamodule.heldout_episodes)
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size, "data.vocab_size is linked into the model"
     assert cli.model.config.block_size >= cli.datamodule.seq_len
     assert cli.trainer.checkpoint_callback.dirpath.endswith("checkpoints")

@@ -46,7 +46,7 @@ def test_deterministic_and_streams_differ(tiny_data):
 
 def test_dataloaders_yield_dict_batches(tiny_data):
     tiny_data.setup("fit")
-    assert len(tiny_data.train_dataloader().dataset) == 256
+    assert tiny_data.train_dataloader().size == 256 and len(tiny_data.train_dataloader()) == 16
     for loader in (tiny_data.train_dataloader(), tiny_data.val_dataloader(), tiny_data.test_dataloader()):
         batch = next(iter(loader))
         assert set(batch) == {"input_ids", "labels"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -69,6 +70,45 @@ class Episodes:
                 f"Episodes.shot_index shape {tuple(self.shot_index.shape)} != demo_ids shape "
                 f"{tuple(self.demo_ids.shape)}"
             )
+
+    @classmethod
+    def from_lists(
+        cls,
+        demos: Sequence[Sequence[Sequence[int]]],
+        queries: Sequence[Sequence[int]],
+        answers: Sequence[int],
+        candidates: Sequence[int],
+        pad_id: int = 0,
+    ) -> "Episodes":
+        """Episodes from token lists of different lengths (e.g. text templates).
+
+        ``demos[i]`` is episode ``i``'s list of demonstrations (each a list of token ids),
+        ``queries[i]`` its query. Each episode's demonstrations are concatenated in order and the
+        rows left-padded with ``pad_id`` to the longest (``shot_index`` numbers the
+        demonstrations, ``-1`` at padding); queries are left-padded too (``query_mask``), so every
+        query ends at the last column. ``query_mask`` is ``None`` when no query is padded.
+        """
+        if not len(demos) == len(queries) == len(answers):
+            raise ValueError(
+                f"Episodes.from_lists needs one entry per episode: {len(demos)} demos, {len(queries)} queries, "
+                f"{len(answers)} answers"
+            )
+        rows = [[t for d in shots for t in d] for shots in demos]
+        index = [[s for s, d in enumerate(shots) for _ in d] for shots in demos]
+        M = max(map(len, rows), default=0)
+        Q = max(map(len, queries), default=0)
+        demo_ids = torch.tensor([[pad_id] * (M - len(r)) + r for r in rows], dtype=torch.long).view(len(rows), M)
+        shot_index = torch.tensor([[-1] * (M - len(i)) + i for i in index], dtype=torch.long).view(len(rows), M)
+        query_ids = torch.tensor([[pad_id] * (Q - len(q)) + list(q) for q in queries], dtype=torch.long)
+        query_mask = torch.tensor([[0] * (Q - len(q)) + [1] * len(q) for q in queries], dtype=torch.long)
+        return cls(
+            demo_ids=demo_ids,
+            query_ids=query_ids.view(len(queries), Q),
+            answers=torch.tensor(list(answers), dtype=torch.long),
+            candidates=torch.tensor(list(candidates), dtype=torch.long),
+            shot_index=shot_index,
+            query_mask=None if bool(query_mask.all()) else query_mask.view(len(queries), Q),
+        )
 
     def __len__(self) -> int:
         return self.demo_ids.shape[0]

@@ -1,7 +1,9 @@
 """Pure tensor functions (no nn.Module, no Lightning): attention kernels with state in/out."""
 from lit_icl.ops.feature_maps import FEATURE_MAPS, feature_dim, feature_map, positive_random_features, taylor
 from lit_icl.ops.linear_attention import (
+    CHUNK_SIZE,
     linear_attention_chunked,
+    linear_attention_chunked_autograd,
     linear_attention_quadratic,
     linear_attention_recurrent,
 )
@@ -12,5 +14,6 @@ from lit_icl.ops.softmax_attention import attention_mask, softmax_attention, sof
 __all__ = [
     "FEATURE_MAPS", "feature_dim", "feature_map", "positive_random_features", "taylor",
     "linear_attention_chunked", "linear_attention_quadratic", "linear_attention_recurrent",
+    "CHUNK_SIZE", "linear_attention_chunked_autograd",
     "momentum_chunked", "momentum_recurrent", "rope", "attention_mask", "softmax_attention", "softmax_attention_biased",
 ]

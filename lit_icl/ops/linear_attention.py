@@ -10,8 +10,11 @@ state after the last token. A token whose k row is zero contributes nothing to t
 
 - `linear_attention_recurrent`: the loop above; the slow, obviously correct reference.
 - `linear_attention_quadratic`: masked (q k^T) v, O(T^2).
-- `linear_attention_chunked`: quadratic inside chunks of C tokens, state across chunks;
-  the training path. Any T and any C >= 1.
+- `linear_attention_chunked_autograd`: quadratic inside chunks of C tokens, state across
+  chunks, all chunks at once through plain autograd; the second reference.
+- `linear_attention_chunked`: the same chunked form, fast: a hand-written backward
+  (`chunked_linear_attention.py`) on CPU or without fla, fla's Triton kernel on CUDA
+  (`fla_linear_attention.py`). The training path. Any T and any C >= 1.
 
 The quadratic and chunked forms carry the normaliser as an extra value column of ones, so
 numerator and denominator share every matrix product: [S | z] is the state of v_aug = [v | 1].
@@ -20,6 +23,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lit_icl.ops.chunked_linear_attention import chunked_linear_attention
+from lit_icl.ops.fla_linear_attention import linear_attention_fla, use_fla
+
+CHUNK_SIZE = 32  # default chunk length, chosen by the chunk-size sweep of scripts/bench.py (README)
 
 State = tuple[Tensor, Tensor]
 
@@ -77,23 +85,51 @@ def linear_attention_quadratic(
     return _split(o_aug, S0 + k.transpose(-1, -2) @ v_aug, eps)
 
 
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
+
+
 def linear_attention_chunked(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     state: State | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
     eps: float = 1e-6,
 ) -> tuple[Tensor, State]:
-    """Chunked form: inside each chunk the quadratic form, across chunks the state.
+    """Chunked form, fast: o_c = tril(q_c k_c^T) v_c + q_c U_c, U_{c+1} = U_c + k_c^T v_c.
+
+    On CUDA with flash-linear-attention installed, its chunked kernel (its own chunk size);
+    otherwise the hand-written-backward Function, which also runs under torch.func.vmap/grad.
+    Gradients flow to q, k, v and the initial state; the final state's gradient flows back.
+    """
+    _check_chunk_size(chunk_size)
+    S0, z0 = _initial_state(q, v, state)
+    if q.shape[2] == 0:
+        return v.new_zeros(v.shape), (S0, z0)
+    if use_fla(q, v):
+        return linear_attention_fla(q, k, v, S0, z0, eps)
+    o, S, z = chunked_linear_attention(q, k, v, S0, z0, chunk_size, eps)
+    return o, (S, z)
+
+
+def linear_attention_chunked_autograd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: State | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    eps: float = 1e-6,
+) -> tuple[Tensor, State]:
+    """Chunked form by plain autograd: inside each chunk the quadratic form, across chunks the state.
 
     With chunks c = 1..N of C tokens and U_c = [S | z] before chunk c,
         o_c = tril(q_c k_c^T) v_c + q_c U_c,   U_{c+1} = U_c + k_c^T v_c,
     U_c computed for all chunks at once by an exclusive cumulative sum. T is padded with zero
     keys (no contribution) up to a multiple of C; the padded outputs are dropped.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    _check_chunk_size(chunk_size)
     v_aug, U0 = _augment(v, _initial_state(q, v, state))
     B, H, T, F = q.shape
     C = min(chunk_size, max(T, 1))

@@ -1,0 +1,187 @@
+"""Template-based classification episodes (the momentum-attention paper's evaluation style).
+
+A :class:`TemplateTask` names a classification dataset with a text and a label field, a
+verbalizer (label -> word) and a template such as ``"Review: {text}\\nSentiment: {label}\\n"``.
+With a tokenizer, :class:`TemplateEpisodes` turns it into :class:`~lit_icl.data.episodes.Episodes`
+that the ICL callback evaluates like the synthetic tasks':
+
+- a demonstration is the template filled with a train-split example and its label word;
+- the query is a validation-split example's template up to ``{label}``, without the whitespace
+  just before ``{label}``: that whitespace starts the label instead (``" positive"``), as the
+  byte-level BPE attaches a space to the word after it;
+- the candidates are the first tokens of the verbalizer words (with that whitespace), which must
+  be distinct, and the answer is the query's;
+- queries: a seeded permutation of the validation split (cycled when more episodes are asked
+  for); demonstrations: ``k`` train examples drawn per episode with its own seed, either
+  uniformly without replacement or ``balanced`` (classes as equal as possible: a round-robin over
+  a random class order of per-class random draws), shown in a random order. The same episode
+  index draws the same examples for every ``k``: the demonstrations of ``k`` shots are a subset
+  of those of ``k + 1``.
+
+Demonstrations and queries differ in length, so the episodes are left-padded (``shot_index``
+``-1`` and ``query_mask`` 0 at padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from lit_icl.data.episodes import Episodes
+from lit_icl.data.sources import load_source
+from lit_icl.data.synthetic import stream_generator
+
+__all__ = ["TemplateEpisodes", "TemplateTask"]
+
+QUERIES, DEMOS = 0, 1  # streams of a task's seed
+
+
+@dataclass
+class TemplateTask:
+    """One classification task as template-based ICL episodes.
+
+    Args:
+        name: the task's name in ``heldout_tasks()`` and the logs.
+        source: a local JSON(L)/CSV/parquet file or directory, or a hub dataset name (see
+            :mod:`lit_icl.data.sources`); it must provide ``train_split`` and ``eval_split``
+            (a directory holding ``train.jsonl`` and ``validation.jsonl`` does).
+        config_name: the hub dataset's configuration (e.g. ``sst2`` of ``nyu-mll/glue``).
+        text_field: the column holding the input text.
+        label_field: the column holding the label (int or str).
+        verbalizer: label -> word; the keys are compared with ``str(label)``, so ``{0: negative}``
+            and ``{"0": negative}`` are the same. Examples with other labels are an error.
+        template: the text of one example, with ``{text}`` before a single ``{label}``.
+        train_split: the split the demonstrations are drawn from.
+        eval_split: the split the queries are drawn from.
+        balanced: draw the demonstrations of an episode with as equal class counts as possible.
+        seed: seed of the query order and the demonstration draws.
+    """
+
+    name: str
+    source: str
+    config_name: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    verbalizer: dict[str, str] = field(default_factory=dict)
+    template: str = "{text}\n{label}\n"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    balanced: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.verbalizer = {str(k): str(v) for k, v in self.verbalizer.items()}
+        before, _, after = self.template.partition("{label}")
+        if "{text}" not in before or "{label}" in after or "{text}" in after:
+            raise ValueError(
+                f"TemplateTask {self.name!r}: template={self.template!r} needs {{text}} before a single {{label}}"
+            )
+        words = list(self.verbalizer.values())
+        if len(words) < 2 or not all(w.strip() for w in words) or len(set(words)) != len(words):
+            raise ValueError(
+                f"TemplateTask {self.name!r}: verbalizer={self.verbalizer} must map at least two labels to "
+                "distinct, non-empty words"
+            )
+
+    @property
+    def parts(self) -> tuple[str, str, str]:
+        """``(prefix, space, suffix)``: the template before ``{label}`` without its trailing
+        whitespace, that whitespace, and the template after ``{label}``."""
+        before, _, after = self.template.partition("{label}")
+        prefix = before.rstrip()
+        return prefix, before[len(prefix):], after
+
+
+class TemplateEpisodes:
+    """A :class:`TemplateTask`'s train and eval examples in memory, and its episodes.
+
+    Args:
+        task: the task.
+        cache_dir: the ``datasets`` cache (its default when ``None``).
+    """
+
+    def __init__(self, task: TemplateTask, cache_dir: str | None = None) -> None:
+        self.task = task
+        splits = load_source(task.source, task.config_name, cache_dir=cache_dir)
+        self.train_texts, self.train_labels = self._examples(splits, task.train_split)
+        self.eval_texts, self.eval_labels = self._examples(splits, task.eval_split)
+        self.by_class: dict[str, list[int]] = {label: [] for label in task.verbalizer}
+        for row, label in enumerate(self.train_labels):
+            self.by_class[label].append(row)
+
+    def _examples(self, splits, split: str) -> tuple[list[str], list[str]]:
+        task = self.task
+        if split not in splits:
+            raise ValueError(f"TemplateTask {task.name!r}: no split {split!r} in {task.source!r}; it has {list(splits)}")
+        data = splits[split]
+        missing = {task.text_field, task.label_field} - set(data.column_names)
+        if missing:
+            raise ValueError(
+                f"TemplateTask {task.name!r}: split {split!r} lacks the fields {sorted(missing)}; it has "
+                f"{data.column_names}"
+            )
+        labels = [str(label) for label in data[task.label_field]]
+        unknown = sorted(set(labels) - set(task.verbalizer))
+        if unknown or not labels:
+            raise ValueError(
+                f"TemplateTask {task.name!r}: split {split!r} has {len(labels)} examples and labels {unknown[:10]} "
+                f"outside the verbalizer {sorted(task.verbalizer)}"
+            )
+        return [str(t) for t in data[task.text_field]], labels
+
+    def candidates(self, tokenizer: Tokenizer) -> dict[str, int]:
+        """label -> the first token of its word as it follows the query (the candidates)."""
+        _, space, _ = self.task.parts
+        first = {label: tokenizer.encode(space + word).ids[0] for label, word in self.task.verbalizer.items()}
+        if len(set(first.values())) != len(first):
+            tokens = {w: tokenizer.id_to_token(first[label]) for label, w in self.task.verbalizer.items()}
+            raise ValueError(
+                f"TemplateTask {self.task.name!r}: the verbalizer words must start with distinct tokens, got {tokens}"
+            )
+        return first
+
+    def demonstration_rows(self, n_shots: int, episode: int) -> list[int]:
+        """The train rows of episode ``episode``'s ``n_shots`` demonstrations, in shown order."""
+        gen = stream_generator(self.task.seed, DEMOS, episode)
+        n = len(self.train_labels)
+        if not self.task.balanced:
+            if n_shots > n:
+                raise ValueError(f"TemplateTask {self.task.name!r}: {n_shots} shots but {n} train examples")
+            return torch.randperm(n, generator=gen)[:n_shots].tolist()
+        by_class = self.by_class
+        classes = [c for c in by_class if by_class[c]]
+        per_class = math.ceil(n_shots / len(classes))
+        if per_class > min(len(by_class[c]) for c in classes):
+            raise ValueError(f"TemplateTask {self.task.name!r}: too few train examples per class for {n_shots} shots")
+        order = [classes[i] for i in torch.randperm(len(classes), generator=gen).tolist()]
+        draws = {c: [by_class[c][i] for i in torch.randperm(len(by_class[c]), generator=gen)[:per_class]]
+                 for c in classes}
+        rows = [draws[order[j % len(order)]][j // len(order)] for j in range(n_shots)]
+        shown = torch.randperm(n_shots, generator=stream_generator(self.task.seed, DEMOS, episode, n_shots))
+        return [rows[i] for i in shown.tolist()]
+
+    def episodes(self, tokenizer: Tokenizer, n_shots: int, num_episodes: int, pad_id: int = 0) -> Episodes:
+        """``num_episodes`` episodes of ``n_shots`` demonstrations, tokenized by ``tokenizer``."""
+        if n_shots < 0 or num_episodes < 1:
+            raise ValueError(f"heldout_episodes: need n_shots >= 0 and num_episodes >= 1, got {n_shots}, {num_episodes}")
+        prefix, space, suffix = self.task.parts
+        words, first = self.task.verbalizer, self.candidates(tokenizer)
+        order = torch.randperm(len(self.eval_labels), generator=stream_generator(self.task.seed, QUERIES)).tolist()
+        queries = [order[i % len(order)] for i in range(num_episodes)]
+        rows = [self.demonstration_rows(n_shots, i) for i in range(num_episodes)]
+        demo_texts = [
+            prefix.replace("{text}", self.train_texts[r]) + space + words[self.train_labels[r]] + suffix
+            for shots in rows for r in shots
+        ]
+        demo_ids = iter([e.ids for e in tokenizer.encode_batch(demo_texts)])
+        query_texts = [prefix.replace("{text}", self.eval_texts[q]) for q in queries]
+        return Episodes.from_lists(
+            demos=[[next(demo_ids) for _ in shots] for shots in rows],
+            queries=[e.ids for e in tokenizer.encode_batch(query_texts)],
+            answers=[first[self.eval_labels[q]] for q in queries],
+            candidates=list(first.values()),
+            pad_id=pad_id,
+        )

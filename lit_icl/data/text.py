@@ -1,0 +1,346 @@
+"""TextDataModule: a text corpus, a BPE tokenizer trained on it, packed next-token blocks.
+
+Pipeline (every step cached under ``cache_dir/text/<key>/``, ``key`` a hash of the corpus, its
+local files' sizes and modification times, the split and tokenizer settings):
+
+1. ``load_source(corpus)`` (:mod:`lit_icl.data.sources`): local text / JSONL / parquet files or a
+   hub dataset, through ``datasets.load_dataset``. Validation is the corpus's ``val_split`` if it
+   has one, else a seeded random ``val_fraction`` of the training documents (at least one).
+2. A byte-level BPE tokenizer (:mod:`lit_icl.data.tokenizer`) trained on the training split,
+   once: ``tokenizer.json`` (or the one ``tokenizer_path`` names).
+3. ``Dataset.map`` tokenizes every document and appends ``<|endoftext|>`` (``num_proc``
+   processes), then packs the token stream into windows of ``block_size + 1`` tokens with stride
+   ``block_size`` (consecutive windows share one token), so every next-token target of the
+   stream is scored exactly once; a batch is ``dict(input_ids=w[:, :-1], labels=w[:, 1:])``.
+   The tail of each map batch of 1000 documents shorter than a window is dropped.
+
+Processes: ``prepare_data`` (local rank 0 of each node) builds everything, ``setup`` (every rank)
+loads it; both hold a file lock on the cache entry while they build or load, so no two processes
+write the same file, even across nodes sharing a file system. Every process then has the same
+blocks, which Lightning's DistributedSampler shards. The tokenizer is also written next to the
+run (``<log_dir>/tokenizer.json``) and into every checkpoint (``state_dict``), and a checkpoint
+can be given back as ``tokenizer_path``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from datasets import DatasetDict, Features, Value
+from datasets import Sequence as ListOf
+from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from lit_icl.data.episodes import Episodes
+from lit_icl.data.sources import load_source, local_files
+from lit_icl.data.synthetic import check_at_least
+from lit_icl.data.templates import TemplateEpisodes, TemplateTask
+from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, save_tokenizer, tokenizer_sha, train_bpe
+from lit_icl.files import load_checkpoint
+
+__all__ = ["TextDataModule", "pack"]
+
+MAP_BATCH = 1000  # documents per Dataset.map batch (packing works within a batch)
+CACHE_VERSION = 1  # part of every cache key: bump it when the pipeline's output changes
+
+
+def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
+    """Concatenate ``token_lists`` and cut windows of ``block_size + 1`` tokens, stride
+    ``block_size``; the tail shorter than a window is dropped."""
+    flat = [t for ids in token_lists for t in ids]
+    return [flat[i : i + block_size + 1] for i in range(0, len(flat) - block_size, block_size)]
+
+
+def _tokenize(batch: dict, tokenizer: Tokenizer, text_field: str, eos_id: int) -> dict:
+    texts = [t for t in batch[text_field] if t and t.strip()]
+    return {"ids": [e.ids + [eos_id] for e in tokenizer.encode_batch(texts)]}
+
+
+def _pack(batch: dict, block_size: int) -> dict:
+    return {"ids": pack(batch["ids"], block_size)}
+
+
+def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([r["ids"] for r in rows]).long()
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Language modelling on a text corpus, with template-based ICL episodes for evaluation.
+
+    Args:
+        corpus: required: a local text/JSONL/parquet file, glob or directory, or a hub dataset
+            name (see :mod:`lit_icl.data.sources`). ``None`` raises ``ValueError``.
+        corpus_config: the hub dataset's configuration (e.g. ``wikitext-103-raw-v1``).
+        text_field: the column holding the text (``text`` for text files).
+        train_split: the corpus split to train on.
+        val_split: the corpus split to validate on, when the corpus has it.
+        val_fraction: otherwise the fraction of training documents held out (seeded).
+        block_size: tokens per training sequence (at most the model's ``block_size``).
+        vocab_size: the model's vocabulary; the BPE tokenizer is trained up to this size.
+        min_frequency: least count of a pair the BPE trainer merges.
+        tokenizer_path: use this tokenizer instead of training one: a ``tokenizer.json`` or a
+            checkpoint of a run with a TextDataModule.
+        cache_dir: where the tokenizer, tokens and blocks are cached; ``None``: ``$LIT_ICL_CACHE``
+            or ``~/.cache/lit_icl``.
+        num_proc: processes of ``load_dataset`` and ``Dataset.map`` (``None``: one).
+        batch_size: sequences per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        seed: seed of the validation split.
+        templates: template-based classification tasks for ``heldout_episodes``.
+        num_heldout: default number of held-out episodes per task.
+    """
+
+    def __init__(
+        self,
+        corpus: str | None = None,
+        corpus_config: str | None = None,
+        text_field: str = "text",
+        train_split: str = "train",
+        val_split: str = "validation",
+        val_fraction: float = 0.01,
+        block_size: int = 256,
+        vocab_size: int = 8192,
+        min_frequency: int = 2,
+        tokenizer_path: str | None = None,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 1234,
+        templates: Sequence[TemplateTask] = (),
+        num_heldout: int = 256,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        if not corpus:
+            raise ValueError(
+                f"{owner}: corpus is required: pass --data.init_args.corpus with a text/JSONL/parquet file, "
+                "glob or directory, or a hub dataset name"
+            )
+        local_files(corpus)  # a missing local file fails here, not after the model is built
+        check_at_least(owner, [("block_size", block_size, 1), ("vocab_size", vocab_size, MIN_VOCAB_SIZE),
+                               ("min_frequency", min_frequency, 1), ("batch_size", batch_size, 1),
+                               ("num_workers", num_workers, 0), ("num_heldout", num_heldout, 1)])
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"{owner}: val_fraction must be in (0, 1), got {val_fraction}")
+        if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+            raise ValueError(f"{owner}: tokenizer_path {tokenizer_path!r} is not a file")
+        self.templates = [t if isinstance(t, TemplateTask) else TemplateTask(**t) for t in templates]
+        names = [t.name for t in self.templates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{owner}: template task names {names} must be distinct")
+        self.save_hyperparameters(ignore=["templates"])
+        self.hparams["templates"] = [asdict(t) for t in self.templates]  # plain dicts in checkpoints
+        self.corpus, self.corpus_config, self.text_field = corpus, corpus_config, text_field
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.block_size, self._vocab_size, self.min_frequency = block_size, vocab_size, min_frequency
+        self.tokenizer_path, self.num_proc, self.seed = tokenizer_path, num_proc, seed
+        self.batch_size, self.num_workers, self.num_heldout = batch_size, num_workers, num_heldout
+        self.cache_dir = cache_dir or os.environ.get("LIT_ICL_CACHE") or os.path.expanduser("~/.cache/lit_icl")
+        self.built: list[str] = []  # what this process built rather than loaded from the cache
+        self._tokenizer: Tokenizer | None = None
+        self._blocks: dict[str, Any] = {}
+        self._tasks: dict[str, TemplateEpisodes] = {}
+        self._episodes: dict[tuple[str, int, int], Episodes] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """The configured vocabulary size (the tokenizer's is at most this)."""
+        return self._vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training sequence: ``block_size``."""
+        return self.block_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (built or loaded from the cache on first use)."""
+        if self._tokenizer is None:
+            self._build()
+        return self._tokenizer
+
+    @staticmethod
+    def read_tokenizer(path: str) -> Tokenizer:
+        """A tokenizer from a ``tokenizer.json`` or from a checkpoint's TextDataModule state."""
+        if not path.endswith(".ckpt"):
+            return Tokenizer.from_file(path)
+        state = load_checkpoint(path).get(TextDataModule.__qualname__)
+        if not state or "tokenizer" not in state:
+            raise ValueError(f"checkpoint {path!r} holds no {TextDataModule.__qualname__} tokenizer")
+        return Tokenizer.from_str(state["tokenizer"])
+
+    def _key(self, given: Tokenizer | None) -> str:
+        """The cache entry's name: a hash of everything the blocks depend on, but ``block_size``
+        (which names the block files instead)."""
+        files = local_files(self.corpus)
+        spec = {
+            "version": CACHE_VERSION,
+            "corpus": self.corpus if files is None else None,
+            "files": None if files is None else [
+                (os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+            "tokenizer": tokenizer_sha(given) if given is not None else (self._vocab_size, self.min_frequency),
+            **{n: getattr(self, n) for n in ("corpus_config", "text_field", "train_split", "val_split",
+                                             "val_fraction", "seed")},
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    def _documents(self) -> DatasetDict:
+        """The corpus as ``train`` and ``validation`` splits of the text column alone."""
+        splits = load_source(self.corpus, self.corpus_config, os.path.join(self.cache_dir, "hf"), self.num_proc)
+        if self.train_split not in splits:
+            raise ValueError(f"TextDataModule: no split {self.train_split!r} in {self.corpus!r}; it has {list(splits)}")
+        train = splits[self.train_split]
+        if self.text_field not in train.column_names:
+            raise ValueError(
+                f"TextDataModule: no field {self.text_field!r} in {self.corpus!r}; it has {train.column_names}"
+            )
+        if self.val_split in splits:
+            val = splits[self.val_split]
+        else:
+            order = np.random.default_rng(self.seed).permutation(len(train))
+            held = max(1, round(self.val_fraction * len(train)))  # indices kept in memory: no cache file
+            val = train.select(np.sort(order[:held]), keep_in_memory=True)
+            train = train.select(np.sort(order[held:]), keep_in_memory=True)
+        return DatasetDict(train=train.select_columns([self.text_field]), validation=val.select_columns([self.text_field]))
+
+    def _build(self) -> None:
+        """Load, or build and cache, the tokenizer and the packed blocks (under the entry's lock)."""
+        given = None if self.tokenizer_path is None else self.read_tokenizer(self.tokenizer_path)
+        key = self._key(given)
+        entry = os.path.join(self.cache_dir, "text", key)
+        os.makedirs(entry, exist_ok=True)
+        with FileLock(entry + ".lock"):
+            documents = self._documents()
+            path = os.path.join(entry, "tokenizer.json")
+            if given is not None:
+                tokenizer = given
+            elif os.path.exists(path):
+                tokenizer = Tokenizer.from_file(path)
+            else:
+                start = time.perf_counter()
+                train = documents["train"]
+                batches = (b[self.text_field] for b in train.iter(batch_size=MAP_BATCH))
+                tokenizer = train_bpe(batches, self._vocab_size, self.min_frequency)
+                save_tokenizer(tokenizer, path)
+                self.built.append("tokenizer")
+                rank_zero_info(f"TextDataModule: trained a {tokenizer.get_vocab_size()}-token BPE tokenizer on "
+                               f"{len(train)} documents in {time.perf_counter() - start:.1f} s -> {path}")
+            if tokenizer.get_vocab_size() > self._vocab_size or tokenizer.token_to_id(EOS) is None:
+                raise ValueError(
+                    f"TextDataModule: the tokenizer has {tokenizer.get_vocab_size()} tokens (EOS id "
+                    f"{tokenizer.token_to_id(EOS)}); vocab_size={self._vocab_size} and {EOS} are required"
+                )
+            blocks = {split: self._blocks_of(docs, tokenizer, entry, split, key) for split, docs in documents.items()}
+        for split, data in blocks.items():
+            if len(data) == 0:
+                raise ValueError(f"TextDataModule: the {split} split has fewer than block_size + 1 = "
+                                 f"{self.block_size + 1} tokens per {MAP_BATCH} documents")
+        self._tokenizer, self._blocks = tokenizer, {s: d.with_format("torch") for s, d in blocks.items()}
+
+    def _blocks_of(self, documents, tokenizer: Tokenizer, entry: str, split: str, key: str):
+        """``documents`` tokenized then packed, through two cached ``Dataset.map`` calls."""
+        ids = Features({"ids": ListOf(Value("int32"))})
+        steps = [
+            ("tokens", _tokenize, dict(tokenizer=tokenizer, text_field=self.text_field,
+                                       eos_id=tokenizer.token_to_id(EOS))),
+            (f"blocks{self.block_size}", _pack, dict(block_size=self.block_size)),
+        ]
+        data = documents
+        for name, function, kwargs in steps:
+            file = os.path.join(entry, f"{split}-{name}.arrow")
+            if not glob.glob(file[: -len(".arrow")] + "*.arrow"):
+                self.built.append(f"{split}-{name}")
+            data = data.map(
+                function, batched=True, batch_size=MAP_BATCH, remove_columns=data.column_names, fn_kwargs=kwargs,
+                features=ids, cache_file_name=file, new_fingerprint=f"{key}-{split}-{name}", num_proc=self.num_proc,
+                desc=f"{split}: {name}",
+            )
+        return data
+
+    def prepare_data(self) -> None:
+        """Build the cache (local rank 0 of each node): corpus, tokenizer, tokens, blocks; and
+        load the template tasks' datasets (a hub dataset downloads here)."""
+        self._build()
+        for task in self.templates:
+            self._task(task.name)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cache (built by ``prepare_data``), and write ``tokenizer.json`` into the
+        run's log directory (global rank 0; needs a logger)."""
+        self._build()
+        trainer = self.trainer
+        if trainer is not None and trainer.loggers:
+            log_dir = trainer.log_dir  # on every rank: it is a collective call
+            if trainer.is_global_zero and log_dir:
+                save_tokenizer(self._tokenizer, os.path.join(log_dir, "tokenizer.json"))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self._blocks:
+            self._build()
+        return DataLoader(self._blocks[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=_collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"tokenizer": <its JSON>}``: saved in every checkpoint by Lightning."""
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that the checkpoint's tokenizer is this run's (token ids would be misread)."""
+        theirs = Tokenizer.from_str(state_dict["tokenizer"])
+        if tokenizer_sha(theirs) != tokenizer_sha(self.tokenizer):
+            raise ValueError(
+                "TextDataModule: the checkpoint was trained with another tokenizer than this run's; pass the "
+                "checkpoint as --data.init_args.tokenizer_path to use its tokenizer"
+            )
+
+    def heldout_tasks(self) -> list[str]:
+        """The names of the template tasks, in order."""
+        return [t.name for t in self.templates]
+
+    def _task(self, name: str) -> TemplateEpisodes:
+        if name not in self._tasks:
+            task = next(t for t in self.templates if t.name == name)
+            self._tasks[name] = TemplateEpisodes(task, cache_dir=os.path.join(self.cache_dir, "hf"))
+        return self._tasks[name]
+
+    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes:
+        """Template task ``task``'s episodes (the first task's when ``None``), tokenized by the
+        run's tokenizer; the same on every call (see :mod:`lit_icl.data.templates`).
+
+        Args:
+            n_shots: demonstrations per episode (train examples).
+            num_episodes: number of episodes (validation examples); ``num_heldout`` when ``None``.
+            task: one of :meth:`heldout_tasks`, or ``None``.
+        """
+        names = self.heldout_tasks()
+        if not names:
+            raise ValueError("TextDataModule: no held-out tasks; set data.init_args.templates to evaluate ICL")
+        if task is not None and task not in names:
+            raise ValueError(f"heldout_episodes: task={task!r}; allowed: {names}")
+        key = (task or names[0], n_shots, self.num_heldout if num_episodes is None else num_episodes)
+        if key not in self._episodes:
+            self._episodes[key] = self._task(key[0]).episodes(self.tokenizer, *key[1:], pad_id=self.tokenizer.token_to_id(EOS))
+        return self._episodes[key]

@@ -1,0 +1,389 @@
+"""Benchmark of lit_icl's performance claims (issue 7): a markdown table on stdout, JSON on --out.
+
+    .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
+
+Every comparison is a ratio measured in this one process: the contenders run alternately
+(round r runs them in order, round r+1 in reverse), after a warm-up round, and each figure is a
+median over rounds (a ratio is the median of the per-round ratios), since the machine is shared.
+Sections (float32 on the CPU):
+ 1. attention forward+backward: fast chunked linear attention (hand-written backward) vs its
+    plain-autograd form, the quadratic form, causal softmax SDPA, and flash-linear-attention's
+    pure-PyTorch chunked reference when fla is installed; B=4, H=8, head dim 64.
+ 2. achieved GFLOP/s of the chunked kernel vs this machine's large-matmul rate (same run).
+ 3. a training step of the quickstart-size LM (linear, linear+momentum, softmax): tokens/s and
+    the peak growth of resident memory during a step.
+ 4. conversion (`convert`, one no-grad pass) vs the finetuning baseline (`finetune`: SGD, batch
+    size 1) and its batched form (`finetune_batched`), per episode.
+ 5. inference per query on the converted context (`model(query, state=...)`) vs with the prompt.
+--quick shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lit_icl import TransformerConfig, TransformerLM, convert
+from lit_icl.finetune import finetune, finetune_batched
+from lit_icl.ops import (
+    CHUNK_SIZE,
+    linear_attention_chunked,
+    linear_attention_chunked_autograd,
+    linear_attention_quadratic,
+)
+from lit_icl.ops.fla_linear_attention import fla_naive_reference
+
+FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048, mm_n=2048, train_T=(1024, 4096),
+            train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128), episodes=16, queries=64, reps=5)
+QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256, mm_n=256, train_T=(64, 128),
+             train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8), episodes=4, queries=8, reps=2)
+LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
+VOCAB, N_KEYS = 65, 32  # recall vocabulary: keys 1..32, values 33..64
+
+
+def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function: one warm-up round, then `reps` rounds alternating
+    the order (forward, reverse, ...)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def rss() -> int | None:
+    """Resident set size in bytes (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def peak_memory(fn: Callable[[], object]) -> int | None:
+    """Peak growth of resident memory while fn runs (sampled every 0.5 ms, freed heap memory
+    returned to the OS first); None where /proc is missing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    base = rss()
+    if base is None:
+        return None
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss() or 0)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    fn()
+    done.set()
+    thread.join()
+    return max(peak[0], rss() or 0) - base
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
+    """A closure running fn forward and backward, with a fixed random output gradient."""
+    grads: list[torch.Tensor] = []
+
+    def run():
+        out = fn(*inputs)
+        if not grads:
+            grads.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device))
+        torch.autograd.grad(out, inputs, grads[0])
+
+    return run
+
+
+def attention_inputs(cfg: dict, T: int, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(T)
+    raw = [torch.randn(cfg["B"], cfg["H"], T, cfg["D"], generator=g).to(device) for _ in range(3)]
+    phi = [(F.elu(x) + 1).requires_grad_() for x in raw[:2]]
+    return dict(q=raw[0].requires_grad_(), k=raw[1].requires_grad_(), v=raw[2].requires_grad_(), fq=phi[0], fk=phi[1])
+
+
+def kernel_contenders(cfg: dict, T: int, device, chunk_size: int = CHUNK_SIZE) -> dict[str, Callable[[], None]]:
+    """Forward+backward closures of every attention form at length T."""
+    x = attention_inputs(cfg, T, device)
+    q, k, v, fq, fk = x["q"], x["k"], x["v"], x["fq"], x["fk"]
+    fns = {
+        "chunked": fwd_bwd(lambda a, b, c: linear_attention_chunked(a, b, c, chunk_size=chunk_size)[0], fq, fk, v),
+        "chunked (autograd)": fwd_bwd(lambda a, b, c: linear_attention_chunked_autograd(a, b, c)[0], fq, fk, v),
+        "sdpa (softmax)": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v),
+    }
+    if T <= cfg["quadratic_max_T"]:
+        fns["quadratic"] = fwd_bwd(lambda a, b, c: linear_attention_quadratic(a, b, c)[0], fq, fk, v)
+    naive = fla_naive_reference()
+    if naive is not None and T % 64 == 0:  # its chunk size is fixed at 64
+        t = lambda a: a.transpose(1, 2)
+        fns["fla naive chunk"] = fwd_bwd(
+            lambda a, b, c: naive.naive_chunk_linear_attn(t(a), t(b), t(c), scale=1.0, normalize=True), fq, fk, v
+        )
+    return fns
+
+
+def bench_kernels(cfg: dict, device) -> dict:
+    out = {}
+    for T in cfg["kernel_T"]:
+        times = alternate(kernel_contenders(cfg, T, device), cfg["reps"])
+        out[T] = {name: {"median_s": med(ts), "vs_chunked": ratio(times, name, "chunked"), "times_s": ts}
+                  for name, ts in times.items()}
+    mid, long = cfg["kernel_T"][-2:]
+    scaling = alternate({T: kernel_contenders(cfg, T, device)["chunked"] for T in (mid, long)}, cfg["reps"])
+    sweep = {T: alternate({C: kernel_contenders(cfg, T, device, C)["chunked"] for C in cfg["chunks"]}, cfg["reps"])
+             for T in (mid, long)}
+    return {"by_T": out, "scaling": {"T": [mid, long], "ratio": ratio(scaling, long, mid), "times_s": scaling},
+            "chunk_sweep": {T: {C: med(ts) for C, ts in times.items()} for T, times in sweep.items()}}
+
+
+def chunked_flops(B: int, H: int, T: int, F_: int, D: int, C: int) -> float:
+    """Matmul FLOPs of the chunked form, forward + backward = 3 x forward (the backward's two
+    products per forward product; its recomputation is not counted). Forward per token:
+    2 (C F + C (D+1) + 2 F (D+1)) for q k^T, A v', q U and k^T v' (full C x C blocks)."""
+    return 3 * 2 * B * H * T * (C * F_ + C * (D + 1) + 2 * F_ * (D + 1))
+
+
+def bench_flops(cfg: dict, device) -> dict:
+    T, n = cfg["kernel_T"][-1], cfg["mm_n"]
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = alternate({"mm": lambda: torch.mm(a, b), "chunked": kernel_contenders(cfg, T, device)["chunked"]}, cfg["reps"] + 2)
+    mm_rate = 2 * n**3 / med(times["mm"]) / 1e9
+    rate = chunked_flops(cfg["B"], cfg["H"], T, cfg["D"], cfg["D"], CHUNK_SIZE) / med(times["chunked"]) / 1e9
+    return {"T": T, "mm_n": n, "mm_gflops": mm_rate, "chunked_gflops": rate, "fraction": rate / mm_rate,
+            "per_round_fraction": statistics.median(
+                chunked_flops(cfg["B"], cfg["H"], T, cfg["D"], cfg["D"], CHUNK_SIZE) / c / (2 * n**3 / m)
+                for c, m in zip(times["chunked"], times["mm"]))}
+
+
+def lm(block_size: int, device, **overrides) -> TransformerLM:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=VOCAB, block_size=block_size, **{**LM, **overrides})
+    return TransformerLM(cfg).to(device)
+
+
+def bench_training(cfg: dict, device) -> dict:
+    kinds = {"linear": {}, "linear+momentum": {"momentum": 0.5}, "softmax": {"attention": "softmax"}}
+    out = {}
+    for T in cfg["train_T"]:
+        B = max(1, cfg["train_tokens"] // T)
+        ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+        steps = {}
+        for name, kw in kinds.items():
+            model = lm(T, device, **kw)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                logits = model(ids[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+                opt.step()
+
+            steps[name] = step
+        times = alternate(steps, cfg["reps"])
+        out[T] = {name: {"B": B, "median_s": med(ts), "tokens_per_s": B * T / med(ts), "peak_bytes": peak_memory(steps[name]),
+                         "vs_linear": ratio(times, name, "linear"), "times_s": ts} for name, ts in times.items()}
+    return out
+
+
+def demonstrations(n_episodes: int, n_demos: int, seed: int = 0) -> torch.Tensor:
+    """[E, n, 2] key -> value pairs of the recall task, one demonstration per row."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(1, N_KEYS + 1, (n_episodes, n_demos), generator=g)
+    return torch.stack([keys, keys + N_KEYS], dim=-1)
+
+
+def bench_conversion(cfg: dict, device) -> dict:
+    model = lm(2 * max(cfg["demos"]) + 8, device).eval()
+    E, out = cfg["episodes"], {}
+    for n in cfg["demos"]:
+        demos = demonstrations(E, n).to(device)
+        times = alternate({
+            "convert": lambda: convert(model, demos[0].reshape(1, -1)),
+            "convert batched": lambda: convert(model, demos.reshape(E, -1)),
+            "finetune": lambda: finetune(model, demos[0]),
+            "finetune batched": lambda: finetune_batched(model, demos),
+        }, cfg["reps"])
+        per_episode = {"convert batched": E, "finetune batched": E}
+        out[n] = {name: {"median_s": med(ts) / per_episode.get(name, 1), "times_s": ts} for name, ts in times.items()}
+        out[n]["finetune / convert"] = ratio(times, "finetune", "convert")
+        out[n]["finetune batched / convert batched"] = ratio(times, "finetune batched", "convert batched")
+    return out
+
+
+def bench_inference(cfg: dict, device) -> dict:
+    model = lm(2 * max(cfg["shots"]) + 8, device).eval()
+    Q = cfg["queries"]
+    queries = demonstrations(1, Q, seed=1)[0].to(device)  # [Q, 2]: a key and its value
+    converted, prompted = {}, {}  # each group alternates within itself
+    for n in cfg["shots"]:
+        prompt = demonstrations(1, n).reshape(1, -1).to(device)
+        state = convert(model, prompt)
+        full = torch.cat([prompt.expand(Q, -1), queries], dim=1)
+        converted[f"converted {n}"] = lambda state=state: model(queries, state=state)
+        prompted[f"prompted {n}"] = lambda full=full: model(full)
+    with torch.no_grad():
+        times = {**alternate(converted, cfg["reps"] * 4), **alternate(prompted, cfg["reps"] * 2)}
+    lo, hi = min(cfg["shots"]), max(cfg["shots"])
+    return {"per_query_s": {name: med(ts) / Q for name, ts in times.items()}, "queries": Q,
+            "converted hi/lo": ratio(times, f"converted {hi}", f"converted {lo}"),
+            "prompted hi/lo": ratio(times, f"prompted {hi}", f"prompted {lo}"), "times_s": times}
+
+
+def targets(cfg: dict, r: dict) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    mid, long = cfg["kernel_T"][-2:]
+    k = r["kernels"]["by_T"]
+    rows = [(f"chunked vs SDPA, fwd+bwd, T={mid}", k[mid]["sdpa (softmax)"]["vs_chunked"], ">=", 3.0),
+            (f"chunked vs SDPA, fwd+bwd, T={long}", k[long]["sdpa (softmax)"]["vs_chunked"], ">=", 6.0)]
+    if "fla naive chunk" in k[mid]:
+        rows += [(f"chunked vs fla naive chunk, T={mid}", k[mid]["fla naive chunk"]["vs_chunked"], ">=", 1.5),
+                 (f"chunked vs fla naive chunk, T={long}", k[long]["fla naive chunk"]["vs_chunked"], ">=", 2.0)]
+    rows += [(f"linear in T: time(T={long}) / time(T={mid})", r["kernels"]["scaling"]["ratio"], "<=", 4.5),
+             (f"fraction of matmul rate, T={long}", r["flops"]["fraction"], ">=", 0.35)]
+    rows += [(f"momentum step / linear step, T={T}", v["linear+momentum"]["vs_linear"], "<=", 1.10)
+             for T, v in r["training"].items()]
+    n32 = sorted(r["conversion"], key=lambda n: abs(n - 32))[0]
+    rows += [(f"finetune / convert, {n32} demonstrations", r["conversion"][n32]["finetune / convert"], ">=", 100.0),
+             ("converted per-query cost, most / no demonstrations", r["inference"]["converted hi/lo"], "<=", 1.2)]
+    return [{"target": name, "measured": value, "want": f"{op} {bound:g}",
+             "met": value >= bound if op == ">=" else value <= bound} for name, value, op, bound in rows]
+
+
+def fmt_s(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
+
+
+def table(cfg: dict, r: dict) -> str:
+    m = r["meta"]
+    check = ", ".join(f"{v:.0f} GFLOP/s at {k}" for k, v in m["mm_check_gflops"].items())
+    lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['device']}; {m['allocator']}; "
+             f"load check, torch.mm 1024^2: {check}",
+             f"Date: {m['date']}; command: `{m['command']}`; wall time {m['wall_s']:.0f} s"
+             + ("; QUICK smoke run, targets not meaningful" if m["quick"] else ""), ""]
+    k = r["kernels"]["by_T"]
+    names = list(k[cfg["kernel_T"][-2]])
+    lines += [f"**1. Attention forward+backward** (B={cfg['B']}, H={cfg['H']}, head dim {cfg['D']}, float32; "
+              f"chunk {CHUNK_SIZE}; median time, x = time / chunked)", "",
+              "| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for T, row in k.items():
+        cells = [f"{fmt_s(row[n]['median_s'])} ({row[n]['vs_chunked']:.1f}x)" if n in row else "-" for n in names]
+        lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    sweep = r["kernels"]["chunk_sweep"]
+    lines += ["", "Chunk size of the chunked kernel (forward+backward, median):", "",
+              "| T | " + " | ".join(f"C={C}" for C in cfg["chunks"]) + " |", "|---" * (len(cfg["chunks"]) + 1) + "|"]
+    lines += [f"| {T} | " + " | ".join(fmt_s(row[C]) for C in cfg["chunks"]) + " |" for T, row in sweep.items()]
+    f = r["flops"]
+    lines += ["", f"**2. Throughput**: chunked at T={f['T']}: {f['chunked_gflops']:.1f} GFLOP/s "
+              f"(3 x forward matmul FLOPs) vs torch.mm {f['mm_n']}^2: {f['mm_gflops']:.1f} GFLOP/s "
+              f"= {100 * f['fraction']:.0f}% of the matmul rate", "",
+              f"**3. Training step** (quickstart size: {LM['n_layer']} layers, {LM['n_head']} heads, width {LM['n_embd']}; AdamW)", "",
+              "| T | B | model | step | tokens/s | peak memory | vs linear |", "|---|---|---|---|---|---|---|"]
+    for T, row in r["training"].items():
+        for name, v in row.items():
+            mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f} MiB"
+            lines.append(f"| {T} | {v['B']} | {name} | {fmt_s(v['median_s'])} | {v['tokens_per_s']:,.0f} | {mem} | {v['vs_linear']:.2f}x |")
+    lines += ["", f"**4. Conversion vs finetuning** (per episode; batched: {cfg['episodes']} episodes at once; "
+              "a demonstration is a key -> value pair)", "",
+              "| demos | convert | convert batched | finetune (SGD, batch 1) | finetune batched | finetune / convert |",
+              "|---|---|---|---|---|---|"]
+    for n, v in r["conversion"].items():
+        lines.append(f"| {n} | " + " | ".join(fmt_s(v[x]["median_s"]) for x in ("convert", "convert batched", "finetune", "finetune batched"))
+                     + f" | {v['finetune / convert']:,.0f}x |")
+    inf = r["inference"]
+    lines += ["", f"**5. Inference per query** ({inf['queries']} queries of 2 tokens per call)", "",
+              "| demos | converted context | prompt |", "|---|---|---|"]
+    for n in cfg["shots"]:
+        lines.append(f"| {n} | {fmt_s(inf['per_query_s'][f'converted {n}'])} | {fmt_s(inf['per_query_s'][f'prompted {n}'])} |")
+    lines += ["", f"prompted cost grows {inf['prompted hi/lo']:.2f}x from {min(cfg['shots'])} to {max(cfg['shots'])} demonstrations.",
+              "", "**Targets**", "", "| target | measured | want | |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']:.2f} | {t['want']} | {'met' if t['met'] else 'NOT met'} |")
+    return "\n".join(lines)
+
+
+def matmul_check(n: int = 1024) -> dict[str, float]:
+    """GFLOP/s of torch.mm n x n at one thread and at the chosen thread count: shows how
+    busy the machine is (on an idle machine the second is about the first times the cores)."""
+    a, b, threads, out = torch.randn(n, n), torch.randn(n, n), torch.get_num_threads(), {}
+    for t in sorted({1, threads, os.cpu_count() or 1}):
+        torch.set_num_threads(t)
+        out[f"{t} threads"] = 2 * n**3 / med(alternate({"mm": lambda: torch.mm(a, b)}, 9)["mm"]) / 1e9
+    torch.set_num_threads(threads)
+    return out
+
+
+def allocator() -> str:
+    """How the process allocates memory: glibc's malloc returns tensors above 32 MiB to the OS
+    after each use unless told otherwise, which costs page faults at every large allocation."""
+    knobs = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    return ", ".join(knobs) if knobs else "default malloc"
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run of every section")
+    parser.add_argument("--out", help="write the results as JSON to this path")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": str(device), "quick": args.quick, "chunk_size": CHUNK_SIZE,
+                  "fla_naive": fla_naive_reference() is not None, "mm_check_gflops": matmul_check(), "allocator": allocator(),
+                  "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                  "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
+    for key, fn in (("kernels", bench_kernels), ("flops", bench_flops), ("training", bench_training),
+                    ("conversion", bench_conversion), ("inference", bench_inference)):
+        r[key] = fn(cfg, device)
+        print(f"[bench] {key} done at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    r["targets"] = targets(cfg, r)
+    r["meta"]["wall_s"] = time.perf_counter() - start
+    print(table(cfg, r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1, default=str)
+    return r
+
+
+if __name__ == "__main__":
+    main()

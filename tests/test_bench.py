@@ -1,0 +1,43 @@
+"""scripts/bench.py --quick: every section runs, the table and the JSON hold every target."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--threads", "1", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 30, f"quick mode took {elapsed:.0f} s"
+
+    result = json.loads(out.read_text())
+    assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "targets"}
+    assert result["meta"]["quick"] is True and result["meta"]["threads"] == 1
+    for row in result["kernels"]["by_T"].values():
+        assert {"chunked", "chunked (autograd)", "sdpa (softmax)"} <= set(row)
+        assert row["chunked"]["vs_chunked"] == 1.0
+    assert 0 < result["flops"]["fraction"]
+    for row in result["training"].values():
+        assert set(row) == {"linear", "linear+momentum", "softmax"}
+        assert all(v["tokens_per_s"] > 0 for v in row.values())
+    assert all(v["finetune / convert"] > 0 for v in result["conversion"].values())
+    targets = result["targets"]
+    assert len(targets) >= 8 and all(isinstance(t["met"], bool) for t in targets)
+
+    table = proc.stdout
+    assert table.startswith("Machine: ") and "command: `python scripts/bench.py --quick" in table
+    assert "QUICK smoke run" in table
+    for t in targets:  # each target is a row that says met or NOT met
+        assert any(line.startswith(f"| {t['target']} |") and line.rstrip().endswith(("| met |", "| NOT met |"))
+                   for line in table.splitlines())
