@@ -180,7 +180,8 @@ class ICLConversionCallback(Callback):
         self.seed = seed
         self.validations = 0
         self.declared_hparams = False
-        self.results: dict[int, dict[str, float]] = {}
+        self.results: dict[int, dict[str, float]] = {}  # the (first) task's, per shot count
+        self.task_results: dict[str, dict[int, dict[str, float]]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
@@ -197,21 +198,32 @@ class ICLConversionCallback(Callback):
         if (self.validations - 1) % self.every_n_validations:
             return
         start = time.perf_counter()
-        model = pl_module.model
-        self.results = self.evaluate(trainer, model, pl_module.device)
+        model, datamodule = pl_module.model, trainer.datamodule
+        tasks = list(datamodule.heldout_tasks()) if hasattr(datamodule, "heldout_tasks") else []
+        if len(tasks) > 1:  # a task mixture: every task on its own, logged under icl/<task>/
+            self.task_results = {t: self.evaluate(trainer, model, pl_module.device, t) for t in tasks}
+        else:
+            self.task_results = {"": self.evaluate(trainer, model, pl_module.device)}
+        self.results = next(iter(self.task_results.values()))
         seconds = time.perf_counter() - start
-        scalars = {f"icl/{name}/k={k}": v for k, row in self.results.items() for name, v in row.items()}
+        scalars = {
+            f"icl/{task + '/' if task else ''}{name}/k={k}": v
+            for task, results in self.task_results.items() for k, row in results.items() for name, v in row.items()
+        }
         scalars["icl/eval_seconds"] = seconds
         top = self.results[max(self.results)]
         scalars.update({f"hp/{name}": v for name, v in top.items() if name.endswith("_acc")})
         pl_module.log_dict(scalars, sync_dist=False)  # torchmetrics already reduced across ranks
-        rank_zero_info(f"icl: step {trainer.global_step}, {len(self.shots)} shot counts in {seconds:.1f} s; "
-                       + ", ".join(f"k={k} prompted {100 * r['prompted_acc']:.1f}%" for k, r in self.results.items()))
+        rank_zero_info(f"icl: step {trainer.global_step}, {len(self.shots)} shot counts in {seconds:.1f} s; " + "; ".join(
+            f"{task + ' ' if task else ''}k={k} prompted {100 * r['prompted_acc']:.1f}%"
+            for task, results in self.task_results.items() for k, r in results.items()))
         self._log_to_tensorboard(trainer, pl_module, top)
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device) -> dict[int, dict[str, float]]:
-        """Metrics per shot count on this rank's share of the held-out episodes, synced."""
+    def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device, task: str | None = None
+                 ) -> dict[int, dict[str, float]]:
+        """Metrics per shot count on this rank's share of the held-out episodes (of `task`, for
+        a DataModule with several), synced across ranks."""
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "heldout_episodes"):
             raise ValueError(
@@ -221,7 +233,10 @@ class ICLConversionCallback(Callback):
         results = {}
         with evaluating(model):
             for k in self.shots:
-                everything = datamodule.heldout_episodes(k, self.num_episodes)
+                if task is None:
+                    everything = datamodule.heldout_episodes(k, self.num_episodes)
+                else:
+                    everything = datamodule.heldout_episodes(k, self.num_episodes, task=task)
                 randoms = self._random_updates(len(everything), model.config, trainer)
                 episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
                 approximate = self.approximate if model.config.attention == "softmax" else {}
@@ -247,16 +262,17 @@ class ICLConversionCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 from lit_icl.plots import accuracy_vs_shots
 
-                fig = accuracy_vs_shots(self.results)
-                logger.experiment.add_figure("icl/accuracy_vs_shots", fig, global_step=trainer.global_step)
+                for task, results in self.task_results.items():
+                    tag = f"icl/{task + '/' if task else ''}accuracy_vs_shots"
+                    logger.experiment.add_figure(tag, accuracy_vs_shots(results), global_step=trainer.global_step)
                 if not self.declared_hparams:
                     metrics = {f"hp/{n}": v for n, v in top.items() if n.endswith("_acc")}
                     logger.log_hyperparams(pl_module.hparams, metrics, step=trainer.global_step)
                     self.declared_hparams = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.results:
-            rank_zero_info(format_summary(self.results))
+        for task, results in self.task_results.items():
+            rank_zero_info((f"\n[{task}]" if task else "") + format_summary(results))
 
 
 def format_summary(results: dict[int, dict[str, float]]) -> str:

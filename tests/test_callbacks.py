@@ -157,3 +157,21 @@ def test_episode_runs_with_padded_demonstrations_and_queries():
         ref = EpisodeRuns(model, alone, kw)
         for name in ("zero_shot", "prompted", "converted", "finetuned"):
             torch.testing.assert_close(runs.logits[name][i], ref.logits[name][0], rtol=1e-9, atol=1e-10)
+
+
+def test_mixture_reports_each_task(tmp_path):
+    from lit_icl.data import LabelMappingDataModule, MixtureDataModule
+
+    small = dict(num_train=32, num_val=8, num_heldout=12, batch_size=8)
+    recall = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=2, **small)
+    dm = MixtureDataModule([recall, LabelMappingDataModule(**small)], **small)
+    cfg = TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=dm.seq_len + 8)
+    cb = ICLConversionCallback(shots=[1, 2], batch_size=6)
+    t = trainer(tmp_path, [cb])
+    t.fit(LitTransformerLM(cfg), datamodule=dm)
+    trainer_metrics = lambda _: t.callback_metrics
+    tasks = dm.heldout_tasks()
+    assert len(tasks) == 2 and set(cb.task_results) == set(tasks)
+    assert all(set(r) == {1, 2} for r in cb.task_results.values())
+    for task in tasks:
+        assert f"icl/{task}/prompted_acc/k=2" in trainer_metrics(cb)
