@@ -44,10 +44,13 @@ from lit_icl.ops import (
 )
 from lit_icl.ops.fla_linear_attention import fla_naive_reference
 
-FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048, mm_n=2048, train_T=(1024, 4096),
-            train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128), episodes=16, queries=64, reps=5)
-QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256, mm_n=256, train_T=(64, 128),
-             train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8), episodes=4, queries=8, reps=2)
+FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
+            mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
+            episodes=16, queries=64, reps=5)
+QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256,
+             mm_n=256, train_T=(64, 128), train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8),
+             episodes=4, queries=8, reps=2)
+AUTOGRAD_CHUNK = 64  # the plain-autograd reference at its own former default
 LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
 VOCAB, N_KEYS = 65, 32  # recall vocabulary: keys 1..32, values 33..64
 
@@ -122,20 +125,22 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[
     return run
 
 
-def attention_inputs(cfg: dict, T: int, device) -> dict[str, torch.Tensor]:
+def attention_inputs(cfg: dict, T: int) -> dict[str, torch.Tensor]:
+    """Raw q, k, v for softmax and feature-mapped fq = elu(q) + 1, fk for linear attention."""
     g = torch.Generator().manual_seed(T)
-    raw = [torch.randn(cfg["B"], cfg["H"], T, cfg["D"], generator=g).to(device) for _ in range(3)]
+    raw = [torch.randn(cfg["B"], cfg["H"], T, cfg["D"], generator=g) for _ in range(3)]
     phi = [(F.elu(x) + 1).requires_grad_() for x in raw[:2]]
     return dict(q=raw[0].requires_grad_(), k=raw[1].requires_grad_(), v=raw[2].requires_grad_(), fq=phi[0], fk=phi[1])
 
 
-def kernel_contenders(cfg: dict, T: int, device, chunk_size: int = CHUNK_SIZE) -> dict[str, Callable[[], None]]:
+def kernel_contenders(cfg: dict, T: int, chunk_size: int = CHUNK_SIZE) -> dict[str, Callable[[], None]]:
     """Forward+backward closures of every attention form at length T."""
-    x = attention_inputs(cfg, T, device)
+    x = attention_inputs(cfg, T)
     q, k, v, fq, fk = x["q"], x["k"], x["v"], x["fq"], x["fk"]
     fns = {
         "chunked": fwd_bwd(lambda a, b, c: linear_attention_chunked(a, b, c, chunk_size=chunk_size)[0], fq, fk, v),
-        "chunked (autograd)": fwd_bwd(lambda a, b, c: linear_attention_chunked_autograd(a, b, c)[0], fq, fk, v),
+        f"chunked (autograd, C={AUTOGRAD_CHUNK})": fwd_bwd(
+            lambda a, b, c: linear_attention_chunked_autograd(a, b, c, chunk_size=AUTOGRAD_CHUNK)[0], fq, fk, v),
         "sdpa (softmax)": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v),
     }
     if T <= cfg["quadratic_max_T"]:
@@ -149,15 +154,15 @@ def kernel_contenders(cfg: dict, T: int, device, chunk_size: int = CHUNK_SIZE) -
     return fns
 
 
-def bench_kernels(cfg: dict, device) -> dict:
+def bench_kernels(cfg: dict) -> dict:
     out = {}
     for T in cfg["kernel_T"]:
-        times = alternate(kernel_contenders(cfg, T, device), cfg["reps"])
+        times = alternate(kernel_contenders(cfg, T), cfg["reps"])
         out[T] = {name: {"median_s": med(ts), "vs_chunked": ratio(times, name, "chunked"), "times_s": ts}
                   for name, ts in times.items()}
     mid, long = cfg["kernel_T"][-2:]
-    scaling = alternate({T: kernel_contenders(cfg, T, device)["chunked"] for T in (mid, long)}, cfg["reps"])
-    sweep = {T: alternate({C: kernel_contenders(cfg, T, device, C)["chunked"] for C in cfg["chunks"]}, cfg["reps"])
+    scaling = alternate({T: kernel_contenders(cfg, T)["chunked"] for T in (mid, long)}, cfg["reps"])
+    sweep = {T: alternate({C: kernel_contenders(cfg, T, C)["chunked"] for C in cfg["chunks"]}, cfg["reps"])
              for T in (mid, long)}
     return {"by_T": out, "scaling": {"T": [mid, long], "ratio": ratio(scaling, long, mid), "times_s": scaling},
             "chunk_sweep": {T: {C: med(ts) for C, ts in times.items()} for T, times in sweep.items()}}
@@ -170,33 +175,31 @@ def chunked_flops(B: int, H: int, T: int, F_: int, D: int, C: int) -> float:
     return 3 * 2 * B * H * T * (C * F_ + C * (D + 1) + 2 * F_ * (D + 1))
 
 
-def bench_flops(cfg: dict, device) -> dict:
+def bench_flops(cfg: dict) -> dict:
+    """The chunked kernel at the longest T alternating with torch.mm of two n x n matrices."""
     T, n = cfg["kernel_T"][-1], cfg["mm_n"]
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    times = alternate({"mm": lambda: torch.mm(a, b), "chunked": kernel_contenders(cfg, T, device)["chunked"]}, cfg["reps"] + 2)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = alternate({"mm": lambda: torch.mm(a, b), "chunked": kernel_contenders(cfg, T)["chunked"]}, cfg["reps"] + 2)
     mm_rate = 2 * n**3 / med(times["mm"]) / 1e9
     rate = chunked_flops(cfg["B"], cfg["H"], T, cfg["D"], cfg["D"], CHUNK_SIZE) / med(times["chunked"]) / 1e9
-    return {"T": T, "mm_n": n, "mm_gflops": mm_rate, "chunked_gflops": rate, "fraction": rate / mm_rate,
-            "per_round_fraction": statistics.median(
-                chunked_flops(cfg["B"], cfg["H"], T, cfg["D"], cfg["D"], CHUNK_SIZE) / c / (2 * n**3 / m)
-                for c, m in zip(times["chunked"], times["mm"]))}
+    return {"T": T, "mm_n": n, "mm_gflops": mm_rate, "chunked_gflops": rate, "fraction": rate / mm_rate}
 
 
-def lm(block_size: int, device, **overrides) -> TransformerLM:
+def lm(block_size: int, **overrides) -> TransformerLM:
+    """A quickstart-size model (random weights: timing does not depend on them)."""
     torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=VOCAB, block_size=block_size, **{**LM, **overrides})
-    return TransformerLM(cfg).to(device)
+    return TransformerLM(TransformerConfig(vocab_size=VOCAB, block_size=block_size, **{**LM, **overrides}))
 
 
-def bench_training(cfg: dict, device) -> dict:
+def bench_training(cfg: dict) -> dict:
     kinds = {"linear": {}, "linear+momentum": {"momentum": 0.5}, "softmax": {"attention": "softmax"}}
     out = {}
     for T in cfg["train_T"]:
         B = max(1, cfg["train_tokens"] // T)
-        ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+        ids = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
         steps = {}
         for name, kw in kinds.items():
-            model = lm(T, device, **kw)
+            model = lm(T, **kw)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
             def step(model=model, opt=opt):
@@ -207,8 +210,9 @@ def bench_training(cfg: dict, device) -> dict:
 
             steps[name] = step
         times = alternate(steps, cfg["reps"])
-        out[T] = {name: {"B": B, "median_s": med(ts), "tokens_per_s": B * T / med(ts), "peak_bytes": peak_memory(steps[name]),
-                         "vs_linear": ratio(times, name, "linear"), "times_s": ts} for name, ts in times.items()}
+        out[T] = {name: {"B": B, "median_s": med(ts), "tokens_per_s": B * T / med(ts),
+                         "peak_bytes": peak_memory(steps[name]), "vs_linear": ratio(times, name, "linear"),
+                         "times_s": ts} for name, ts in times.items()}
     return out
 
 
@@ -219,11 +223,11 @@ def demonstrations(n_episodes: int, n_demos: int, seed: int = 0) -> torch.Tensor
     return torch.stack([keys, keys + N_KEYS], dim=-1)
 
 
-def bench_conversion(cfg: dict, device) -> dict:
-    model = lm(2 * max(cfg["demos"]) + 8, device).eval()
+def bench_conversion(cfg: dict) -> dict:
+    model = lm(2 * max(cfg["demos"]) + 8).eval()
     E, out = cfg["episodes"], {}
     for n in cfg["demos"]:
-        demos = demonstrations(E, n).to(device)
+        demos = demonstrations(E, n)
         times = alternate({
             "convert": lambda: convert(model, demos[0].reshape(1, -1)),
             "convert batched": lambda: convert(model, demos.reshape(E, -1)),
@@ -237,13 +241,13 @@ def bench_conversion(cfg: dict, device) -> dict:
     return out
 
 
-def bench_inference(cfg: dict, device) -> dict:
-    model = lm(2 * max(cfg["shots"]) + 8, device).eval()
+def bench_inference(cfg: dict) -> dict:
+    model = lm(2 * max(cfg["shots"]) + 8).eval()
     Q = cfg["queries"]
-    queries = demonstrations(1, Q, seed=1)[0].to(device)  # [Q, 2]: a key and its value
+    queries = demonstrations(1, Q, seed=1)[0]  # [Q, 2]: a key and its value
     converted, prompted = {}, {}  # each group alternates within itself
     for n in cfg["shots"]:
-        prompt = demonstrations(1, n).reshape(1, -1).to(device)
+        prompt = demonstrations(1, n).reshape(1, -1)
         state = convert(model, prompt)
         full = torch.cat([prompt.expand(Q, -1), queries], dim=1)
         converted[f"converted {n}"] = lambda state=state: model(queries, state=state)
@@ -283,7 +287,7 @@ def fmt_s(s: float) -> str:
 def table(cfg: dict, r: dict) -> str:
     m = r["meta"]
     check = ", ".join(f"{v:.0f} GFLOP/s at {k}" for k, v in m["mm_check_gflops"].items())
-    lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['device']}; {m['allocator']}; "
+    lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['allocator']}; "
              f"load check, torch.mm 1024^2: {check}",
              f"Date: {m['date']}; command: `{m['command']}`; wall time {m['wall_s']:.0f} s"
              + ("; QUICK smoke run, targets not meaningful" if m["quick"] else ""), ""]
@@ -303,25 +307,30 @@ def table(cfg: dict, r: dict) -> str:
     lines += ["", f"**2. Throughput**: chunked at T={f['T']}: {f['chunked_gflops']:.1f} GFLOP/s "
               f"(3 x forward matmul FLOPs) vs torch.mm {f['mm_n']}^2: {f['mm_gflops']:.1f} GFLOP/s "
               f"= {100 * f['fraction']:.0f}% of the matmul rate", "",
-              f"**3. Training step** (quickstart size: {LM['n_layer']} layers, {LM['n_head']} heads, width {LM['n_embd']}; AdamW)", "",
-              "| T | B | model | step | tokens/s | peak memory | vs linear |", "|---|---|---|---|---|---|---|"]
+              f"**3. Training step** (quickstart size: {LM['n_layer']} layers, {LM['n_head']} heads, "
+              f"width {LM['n_embd']}; AdamW)", "",
+              "| T | B | model | step | tokens/s | peak RSS growth | vs linear |", "|---|---|---|---|---|---|---|"]
     for T, row in r["training"].items():
         for name, v in row.items():
             mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f} MiB"
-            lines.append(f"| {T} | {v['B']} | {name} | {fmt_s(v['median_s'])} | {v['tokens_per_s']:,.0f} | {mem} | {v['vs_linear']:.2f}x |")
+            lines.append(f"| {T} | {v['B']} | {name} | {fmt_s(v['median_s'])} | {v['tokens_per_s']:,.0f} | {mem} "
+                         f"| {v['vs_linear']:.2f}x |")
     lines += ["", f"**4. Conversion vs finetuning** (per episode; batched: {cfg['episodes']} episodes at once; "
               "a demonstration is a key -> value pair)", "",
-              "| demos | convert | convert batched | finetune (SGD, batch 1) | finetune batched | finetune / convert |",
-              "|---|---|---|---|---|---|"]
+              "| demos | convert | convert batched | finetune (SGD, batch 1) | finetune batched | finetune / convert "
+              "| batched / batched |", "|---|---|---|---|---|---|---|"]
     for n, v in r["conversion"].items():
-        lines.append(f"| {n} | " + " | ".join(fmt_s(v[x]["median_s"]) for x in ("convert", "convert batched", "finetune", "finetune batched"))
-                     + f" | {v['finetune / convert']:,.0f}x |")
+        cells = (fmt_s(v[x]["median_s"]) for x in ("convert", "convert batched", "finetune", "finetune batched"))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {v['finetune / convert']:,.0f}x "
+                     f"| {v['finetune batched / convert batched']:,.0f}x |")
     inf = r["inference"]
     lines += ["", f"**5. Inference per query** ({inf['queries']} queries of 2 tokens per call)", "",
               "| demos | converted context | prompt |", "|---|---|---|"]
     for n in cfg["shots"]:
-        lines.append(f"| {n} | {fmt_s(inf['per_query_s'][f'converted {n}'])} | {fmt_s(inf['per_query_s'][f'prompted {n}'])} |")
-    lines += ["", f"prompted cost grows {inf['prompted hi/lo']:.2f}x from {min(cfg['shots'])} to {max(cfg['shots'])} demonstrations.",
+        per = inf["per_query_s"]
+        lines.append(f"| {n} | {fmt_s(per[f'converted {n}'])} | {fmt_s(per[f'prompted {n}'])} |")
+    lines += ["", f"From {min(cfg['shots'])} to {max(cfg['shots'])} demonstrations the prompted cost grows "
+              f"{inf['prompted hi/lo']:.1f}x, the converted {inf['converted hi/lo']:.2f}x.",
               "", "**Targets**", "", "| target | measured | want | |", "|---|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {t['measured']:.2f} | {t['want']} | {'met' if t['met'] else 'NOT met'} |")
@@ -342,7 +351,8 @@ def matmul_check(n: int = 1024) -> dict[str, float]:
 def allocator() -> str:
     """How the process allocates memory: glibc's malloc returns tensors above 32 MiB to the OS
     after each use unless told otherwise, which costs page faults at every large allocation."""
-    knobs = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    names = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    knobs = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
     return ", ".join(knobs) if knobs else "default malloc"
 
 
@@ -365,16 +375,15 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = QUICK if args.quick else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
     start = time.perf_counter()
     r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "device": str(device), "quick": args.quick, "chunk_size": CHUNK_SIZE,
-                  "fla_naive": fla_naive_reference() is not None, "mm_check_gflops": matmul_check(), "allocator": allocator(),
+                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive_reference() is not None,
+                  "mm_check_gflops": matmul_check(), "allocator": allocator(),
                   "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                   "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
     for key, fn in (("kernels", bench_kernels), ("flops", bench_flops), ("training", bench_training),
                     ("conversion", bench_conversion), ("inference", bench_inference)):
-        r[key] = fn(cfg, device)
+        r[key] = fn(cfg)
         print(f"[bench] {key} done at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r["targets"] = targets(cfg, r)
     r["meta"]["wall_s"] = time.perf_counter() - start

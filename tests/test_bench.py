@@ -25,7 +25,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "targets"}
     assert result["meta"]["quick"] is True and result["meta"]["threads"] == 1
     for row in result["kernels"]["by_T"].values():
-        assert {"chunked", "chunked (autograd)", "sdpa (softmax)"} <= set(row)
+        assert {"chunked", "chunked (autograd, C=64)", "sdpa (softmax)"} <= set(row)
         assert row["chunked"]["vs_chunked"] == 1.0
     assert 0 < result["flops"]["fraction"]
     for row in result["training"].values():

@@ -29,7 +29,8 @@ def inputs(B=2, H=2, T=13, d=3, D=4, fm="elu", state=True, seed=0, dtype=torch.f
     if not state:
         return q, k, v, None
     F = q.shape[-1]
-    return q, k, v, (torch.randn(B, H, F, D, generator=g, dtype=dtype), torch.rand(B, H, F, generator=g, dtype=dtype) + 0.5)
+    S0 = torch.randn(B, H, F, D, generator=g, dtype=dtype)
+    return q, k, v, (S0, torch.rand(B, H, F, generator=g, dtype=dtype) + 0.5)
 
 
 def loss_and_grads(fn, q, k, v, state, seed=3):
@@ -57,7 +58,8 @@ def test_forward_and_gradients_match_recurrent(fm, d, T, chunk, with_state):
 @pytest.mark.parametrize("T,chunk", [(9, 4), (64, 16), (200, CHUNK_SIZE)])
 def test_fast_equals_plain_autograd_chunked(T, chunk):
     q, k, v, state = inputs(B=1, H=3, T=T, d=6, D=5)
-    out_ref, grads_ref = loss_and_grads(lambda *a: linear_attention_chunked_autograd(*a, chunk_size=chunk), q, k, v, state)
+    plain = lambda *a: linear_attention_chunked_autograd(*a, chunk_size=chunk)
+    out_ref, grads_ref = loss_and_grads(plain, q, k, v, state)
     out, grads = loss_and_grads(lambda *a: linear_attention_chunked(*a, chunk_size=chunk), q, k, v, state)
     for got, want in zip((*out, *grads), (*out_ref, *grads_ref)):
         torch.testing.assert_close(got, want, **TOL)
@@ -170,7 +172,8 @@ def test_fla_dispatch_matches_pure_pytorch(dtype, tol):
     q, k, v, state = inputs(B=2, H=4, T=300, d=32, D=32, dtype=torch.float64)
     to = lambda x: x.cuda().to(dtype)
     assert use_fla(to(q), to(v))
-    out_ref, grads_ref = loss_and_grads(lambda *a: linear_attention_chunked(*a), *(x.cuda() for x in (q, k, v)), tuple(s.cuda() for s in state))
+    cuda = [x.cuda() for x in (q, k, v)]
+    out_ref, grads_ref = loss_and_grads(linear_attention_chunked, *cuda, tuple(s.cuda() for s in state))
     out, grads = loss_and_grads(linear_attention_chunked, to(q), to(k), to(v), tuple(to(s) for s in state))
     for got, want in zip((*out, *grads), (*out_ref, *grads_ref)):
         scale = want.abs().max().clamp(min=1)
@@ -184,7 +187,8 @@ def test_fla_conversion_is_exact_within_tolerance(dtype, tol):
     from lit_icl import TransformerConfig, TransformerLM, convert
 
     torch.manual_seed(0)
-    model = TransformerLM(TransformerConfig(vocab_size=50, n_layer=2, n_head=4, n_embd=128, block_size=256)).cuda().eval()
+    cfg = TransformerConfig(vocab_size=50, n_layer=2, n_head=4, n_embd=128, block_size=256)
+    model = TransformerLM(cfg).cuda().eval()
     demo, query = torch.randint(0, 50, (2, 160), device="cuda"), torch.randint(0, 50, (2, 40), device="cuda")
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32), torch.no_grad():
         prompted = model(torch.cat([demo, query], dim=1))[:, demo.shape[1]:].float()
