@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# OpenMP threads that sleep instead of spin: on a busy machine spinning threads made training
+# 25x slower (0.4 vs 10.7 steps/s measured with another process on one of the two cores).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
 .venv/bin/lit-icl fit --config configs/quickstart.yaml "$@"
 echo

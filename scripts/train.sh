@@ -12,5 +12,5 @@ config=$1; shift
 if [ ! -f "$config" ]; then echo "train.sh: no config file '$config'" >&2; exit 2; fi
 if [ -z "${RANK:-}${SLURM_PROCID:-}" ]; then bash scripts/setup.sh; fi
 if [ ! -x .venv/bin/lit-icl ]; then echo "train.sh: .venv is not set up (run scripts/setup.sh once)" >&2; exit 2; fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, do not spin, when cores are shared
 exec .venv/bin/lit-icl fit --config "$config" "$@"
