@@ -38,7 +38,7 @@ def weights(path):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    steps = ["--trainer.max_steps", "120"]
+    steps = ["--trainer.max_steps", "400"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     full = fit(steps, tmp_path / "a")
@@ -50,19 +50,19 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.5))  # somewhere after the first checkpoint
+    time.sleep(random.uniform(0.0, 0.2))  # somewhere after the first checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     for ckpt in (tmp_path / "b" / "checkpoints").glob("*.ckpt"):  # nothing on disk is corrupt
         load_checkpoint(ckpt)
     killed_at = load_checkpoint(last)["global_step"]
-    assert 20 <= killed_at < 120
+    assert 20 <= killed_at < 400
 
     resumed = fit([*steps, "--ckpt_path", "last"], tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     end = load_checkpoint(last)
-    assert end["global_step"] == 120
+    assert end["global_step"] == 400
     # deterministic run (seeded, no dropout, data order from (seed, epoch) only): bitwise equal
     ref = weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert all(torch.equal(end["state_dict"][k], ref[k]) for k in ref)
