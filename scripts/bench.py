@@ -287,7 +287,7 @@ def fmt_s(s: float) -> str:
 def table(cfg: dict, r: dict) -> str:
     m = r["meta"]
     check = ", ".join(f"{v:.0f} GFLOP/s at {k}" for k, v in m["mm_check_gflops"].items())
-    lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['allocator']}; "
+    lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['environment']}; "
              f"load check, torch.mm 1024^2: {check}",
              f"Date: {m['date']}; command: `{m['command']}`; wall time {m['wall_s']:.0f} s"
              + ("; QUICK smoke run, targets not meaningful" if m["quick"] else ""), ""]
@@ -348,12 +348,13 @@ def matmul_check(n: int = 1024) -> dict[str, float]:
     return out
 
 
-def allocator() -> str:
-    """How the process allocates memory: glibc's malloc returns tensors above 32 MiB to the OS
-    after each use unless told otherwise, which costs page faults at every large allocation."""
-    names = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    knobs = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
-    return ", ".join(knobs) if knobs else "default malloc"
+def knobs() -> str:
+    """The environment settings that move these numbers: OpenMP threads spin (ACTIVE) or sleep
+    (PASSIVE) between ops, which decides how much a busy core costs; glibc's malloc returns
+    tensors above 32 MiB to the OS after each use unless told otherwise (page faults)."""
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    found = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
+    return ", ".join(found) if found else "no OpenMP/malloc settings"
 
 
 def machine() -> str:
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive_reference() is not None,
-                  "mm_check_gflops": matmul_check(), "allocator": allocator(),
+                  "mm_check_gflops": matmul_check(), "environment": knobs(),
                   "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                   "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
     for key, fn in (("kernels", bench_kernels), ("flops", bench_flops), ("training", bench_training),

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-MAX_HEAD_DIM = 256  # fla's chunk kernels tile K and V up to this size
+MAX_HEAD_DIM = 256  # conservative: fla's chunk kernels are tuned and tested up to this K and V
 
 
 @functools.cache
@@ -46,11 +46,14 @@ def _transforms_active() -> bool:
 def use_fla(q: Tensor, v: Tensor) -> bool:
     """Whether `linear_attention_chunked` hands q [B, H, T, F], v [B, H, T, D] to fla."""
     B, H, T, F = q.shape
+    D = v.shape[-1]
+    half = q.dtype in (torch.float16, torch.bfloat16)
     return (
         q.is_cuda
-        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and (q.dtype == torch.float32 or half)
         and F <= MAX_HEAD_DIM
-        and v.shape[-1] <= MAX_HEAD_DIM
+        and D <= MAX_HEAD_DIM
+        and not (half and (F % 2 or D % 2))  # fla asserts even K and V for 16-bit inputs
         and T >= H  # some fla versions reject T < H as a layout mistake
         and not _transforms_active()
         and fla_chunk_linear_attn() is not None
