@@ -59,7 +59,7 @@ class TransformerConfig:
     position: str = "learned"  # "learned" | "rope" | "none"
     dropout: float = 0.0
     bias: bool = True
-    chunk_size: int = 64  # chunk length of the chunked linear attention / momentum
+    chunk_size: int = 32  # chunk length of the chunked linear attention / momentum (bench.py sweep)
     tie_weights: bool = True  # share token embedding and output head
     token_shift: bool = False  # add the previous token's embedding to each token's input
     activation: str = "gelu"  # MLP non-linearity: "gelu" (exact) | "gelu_tanh" (GPT-2)
