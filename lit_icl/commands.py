@@ -19,6 +19,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from lit_icl.context import ContextState, bake, convert
+from lit_icl.data.text import TextDataModule
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.generate import generate
 from lit_icl.module import LitTransformerLM
@@ -31,17 +32,6 @@ def load_module(path: str) -> tuple[LitTransformerLM, dict]:
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval(), checkpoint
-
-
-def checkpoint_tokenizer(checkpoint: dict):
-    """The `tokenizers.Tokenizer` a checkpoint carries (a "tokenizer" JSON string in its
-    DataModule state), or None."""
-    from tokenizers import Tokenizer
-
-    for value in checkpoint.values():
-        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
-            return Tokenizer.from_str(value["tokenizer"])
-    return None
 
 
 def read_demos(path: str, tokenizer) -> list[list[int]]:
@@ -95,7 +85,7 @@ def convert_main(args: list[str]) -> None:
     if (cfg.out is None) == (cfg.bake is None):
         raise ValueError("give exactly one of --out (a context file) and --bake (a checkpoint)")
     module, checkpoint = load_module(cfg.ckpt)
-    ids, mask = left_pad(read_demos(cfg.demos, checkpoint_tokenizer(checkpoint)))
+    ids, mask = left_pad(read_demos(cfg.demos, TextDataModule.tokenizer_from_checkpoint(checkpoint)))
     state = convert(module.model, ids, attention_mask=mask, mode=cfg.mode,
                     num_features=cfg.num_features, seed=cfg.seed)
     if cfg.out is not None:
@@ -123,7 +113,7 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     cfg = parser.parse_args(args)
     module, checkpoint = load_module(cfg.ckpt)
-    tokenizer = checkpoint_tokenizer(checkpoint)
+    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
     if (cfg.prompt is None) == (cfg.input_ids is None):
         raise ValueError("give exactly one of --prompt and --input_ids")
     if cfg.prompt is not None and tokenizer is None:

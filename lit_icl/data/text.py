@@ -177,10 +177,16 @@ class TextDataModule(pl.LightningDataModule):
         """A tokenizer from a ``tokenizer.json`` or from a checkpoint's TextDataModule state."""
         if not path.endswith(".ckpt"):
             return Tokenizer.from_file(path)
-        state = load_checkpoint(path).get(TextDataModule.__qualname__)
-        if not state or "tokenizer" not in state:
+        tokenizer = TextDataModule.tokenizer_from_checkpoint(load_checkpoint(path))
+        if tokenizer is None:
             raise ValueError(f"checkpoint {path!r} holds no {TextDataModule.__qualname__} tokenizer")
-        return Tokenizer.from_str(state["tokenizer"])
+        return tokenizer
+
+    @staticmethod
+    def tokenizer_from_checkpoint(checkpoint: dict) -> Tokenizer | None:
+        """The tokenizer a loaded checkpoint keeps in its TextDataModule state, or None."""
+        state = checkpoint.get(TextDataModule.__qualname__)
+        return Tokenizer.from_str(state["tokenizer"]) if state and "tokenizer" in state else None
 
     def _key(self, given: Tokenizer | None) -> str:
         """The cache entry's name: a hash of everything the blocks depend on, but ``block_size``
