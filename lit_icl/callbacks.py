@@ -22,6 +22,9 @@ training model is handed back as it was: parameters, mode and the global RNG are
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from typing import Iterator, Sequence
 
@@ -37,6 +40,12 @@ from lit_icl.data.episodes import Episodes
 from lit_icl.finetune import finetune_batched, finetuned_logits
 from lit_icl.metrics import CandidateAccuracy, ConversionError, Rec2FTP, SimAM, SimAOU, predict
 from lit_icl.model import TransformerLM, evaluating
+
+log = logging.getLogger("lightning.pytorch")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 def converted_label(model: TransformerLM) -> str:
     """"converted" for linear attention (exact biases), "converted_kv" for a softmax KV prefix."""
@@ -56,14 +65,18 @@ class EpisodeRuns:
     """The runs of BRIEF §4 on one group of episodes: for each prediction the logits at the
     query's last position [N, V], and for zero_shot / prompted / finetuned the per-layer
     attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q].
-    `approximate` maps ICLAA modes to convert() keyword arguments (softmax models only)."""
+    `approximate` maps ICLAA modes to convert() keyword arguments (softmax models only).
+    `seconds` holds the wall time of each phase (zero_shot, prompted, convert, finetune,
+    finetuned), which the callback logs so that the evaluation's cost can be read per part."""
 
     def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict,
                  approximate: dict[str, dict] | None = None):
         approximate = approximate or {}
         names = prediction_names(model, list(approximate))
+        self.seconds: dict[str, float] = {}
         query, qmask, Q = episodes.query_ids, episodes.query_mask, episodes.query_ids.shape[1]
-        zs = model.run(query, attention_mask=qmask, need_attn=True)
+        with self.timed("zero_shot"):
+            zs = model.run(query, attention_mask=qmask, need_attn=True, logits_at="last")
         self.logits = {"zero_shot": zs.logits[:, -1]}
         self.outputs = {"zero_shot": [a[:, -1] for a in zs.attn_outputs]}
         self.scores = {"zero_shot": zs.attn_scores}
@@ -72,18 +85,30 @@ class EpisodeRuns:
                 self.logits[name] = self.logits["zero_shot"]
                 self.outputs[name], self.scores[name] = self.outputs["zero_shot"], self.scores["zero_shot"]
             return
-        pr = model.run(episodes.prompts, attention_mask=episodes.prompt_mask, need_attn=True)
+        with self.timed("prompted"):
+            pr = model.run(episodes.prompts, attention_mask=episodes.prompt_mask, need_attn=True, logits_at="last")
         self.logits["prompted"] = pr.logits[:, -1]
         self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
         self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
-        for name, kwargs in [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
-            state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)
-            self.logits[name] = model(query, state=state, attention_mask=qmask)[:, -1]
-        weights = finetune_batched(model, *episodes.demonstrations(), **finetune_kwargs)
-        logits, outputs, scores = finetuned_logits(model, weights, query, qmask, need_attn=True)
+        with self.timed("convert"):
+            for name, kwargs in [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
+                state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)
+                self.logits[name] = model.run(query, state=state, attention_mask=qmask, logits_at="last").logits[:, -1]
+        with self.timed("finetune"):
+            weights = finetune_batched(model, *episodes.demonstrations(), **finetune_kwargs)
+        with self.timed("finetuned"):
+            logits, outputs, scores = finetuned_logits(model, weights, query, qmask, need_attn=True, logits_at="last")
         self.logits["finetuned"] = logits[:, -1]
         self.outputs["finetuned"] = [a[:, -1] for a in outputs]
         self.scores["finetuned"] = scores
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 class ICLMetrics(torch.nn.Module):
@@ -135,6 +160,16 @@ def batches(episodes: Episodes, size: int) -> Iterator[tuple[slice, Episodes]]:
 class ICLConversionCallback(Callback):
     """Zero-shot vs prompted vs converted vs finetuned, per shot count, at validation end.
 
+    Before anything runs (at the start of fit, validate and test alike) it builds the held-out
+    episodes of every task and shot count once and checks that they can be evaluated: the
+    DataModule offers them, every shot count exists, the candidates are distinct tokens, and
+    every prompt (demonstrations + query) fits the model's block_size. A setting that cannot
+    work stops the run there, with one line, instead of at the first validation.
+
+    During `fit`, an exception inside the evaluation costs no training: it is reported in one
+    line, `icl/failed` = 1 is logged for that validation, and training goes on (so the
+    validation's checkpoint is written as usual). In `validate` / `test` it is raised.
+
     Args:
         shots: numbers of demonstrations to evaluate (each one the DataModule offers).
         num_episodes: held-out episodes per shot count (None: the DataModule's default).
@@ -147,6 +182,10 @@ class ICLConversionCallback(Callback):
             the exact KV prefix (logged as converted_<mode>).
         num_features: random features of mode "prf".
         seed: seed of the random updates of SimAOU's baseline and of the random features.
+        too_long: what to do with an episode whose prompt is longer than block_size: "error"
+            (stop at start, naming task, shots and lengths) or "drop" (drop that episode's
+            longest demonstrations until it fits; the count is reported and logged as
+            icl/dropped_demos/k=<shots>).
     """
 
     def __init__(
@@ -161,6 +200,7 @@ class ICLConversionCallback(Callback):
         approximate_modes: Sequence[str] = ("taylor", "prf"),
         num_features: int = 256,
         seed: int = 0,
+        too_long: str = "error",
     ):
         if not shots or any(int(k) < 0 for k in shots):
             raise ValueError(f"shots={list(shots)} must be a non-empty list of counts >= 0")
@@ -168,6 +208,8 @@ class ICLConversionCallback(Callback):
             raise ValueError(
                 f"every_n_validations={every_n_validations} and batch_size={batch_size} must be >= 1"
             )
+        if too_long not in ("error", "drop"):
+            raise ValueError(f"too_long={too_long!r}; allowed: 'error', 'drop'")
         self.shots = sorted({int(k) for k in shots})
         self.num_episodes = num_episodes
         self.every_n_validations = every_n_validations
@@ -178,8 +220,11 @@ class ICLConversionCallback(Callback):
             raise ValueError(f"approximate_modes={list(approximate_modes)}: unknown {sorted(unknown)}; allowed: prf, taylor")
         self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.seed = seed
+        self.too_long = too_long
         self.validations = 0
         self.declared_hparams = False
+        self.episodes: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the checked episodes
+        self.dropped: dict[tuple[str, int], int] = {}
         self.results: dict[int, dict[str, float]] = {}  # the (first) task's, per shot count
         self.task_results: dict[str, dict[int, dict[str, float]]] = {}
 
@@ -191,6 +236,61 @@ class ICLConversionCallback(Callback):
                 f"finetunes it), but strategy {name} shards it; use strategy ddp"
             )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer.datamodule, pl_module.model.config.block_size)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit":  # fit prepared in on_fit_start
+            self.prepare(trainer.datamodule, pl_module.model.config.block_size)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer.datamodule, pl_module.model.config.block_size)
+
+    def prepare(self, datamodule, block_size: int) -> None:
+        """Build and check the held-out episodes of every task and shot count (see the class
+        docstring); ValueError with one line naming what cannot work."""
+        if not callable(getattr(datamodule, "heldout_episodes", None)):
+            raise ValueError(
+                f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots), got "
+                f"{type(datamodule).__name__}"
+            )
+        tasks = list(datamodule.heldout_tasks()) if callable(getattr(datamodule, "heldout_tasks", None)) else []
+        self.episodes, self.dropped = {}, {}
+        for task in tasks if len(tasks) > 1 else [""]:
+            where = f"task {task!r}, " if task else (f"task {tasks[0]!r}, " if tasks else "")
+            for k in self.shots:
+                try:
+                    if task:
+                        episodes = datamodule.heldout_episodes(k, self.num_episodes, task=task)
+                    else:
+                        episodes = datamodule.heldout_episodes(k, self.num_episodes)
+                except ValueError as err:
+                    raise ValueError(f"ICLConversionCallback: {where}{k} shots: {_first_line(err)}") from err
+                candidates = episodes.candidates.tolist()
+                if len(set(candidates)) != len(candidates):
+                    raise ValueError(
+                        f"ICLConversionCallback: {where}the candidate answers {candidates} are not distinct "
+                        "tokens (the label words must begin with different tokens)"
+                    )
+                longest = int(episodes.prompt_lengths.max()) if len(episodes) else 0
+                if longest > block_size and self.too_long == "error":
+                    raise ValueError(
+                        f"ICLConversionCallback: {where}{k} shots: the longest prompt is {longest} tokens, more "
+                        f"than block_size={block_size}; use fewer shots, a larger model.config.block_size, or "
+                        "the callback's too_long: drop (drops each episode's longest demonstrations until it fits)"
+                    )
+                if longest > block_size:
+                    try:
+                        episodes, dropped = episodes.drop_longest(block_size)
+                    except ValueError as err:
+                        raise ValueError(f"ICLConversionCallback: {where}{k} shots: {_first_line(err)}") from err
+                    self.dropped[(task, k)] = dropped
+                    rank_zero_info(
+                        f"icl: {where}{k} shots: dropped {dropped} of {len(episodes) * k} demonstrations "
+                        f"(the longest of their episodes) so that every prompt fits block_size={block_size}"
+                    )
+                self.episodes[(task, k)] = episodes
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -198,54 +298,70 @@ class ICLConversionCallback(Callback):
         if (self.validations - 1) % self.every_n_validations:
             return
         start = time.perf_counter()
-        model, datamodule = pl_module.model, trainer.datamodule
-        tasks = list(datamodule.heldout_tasks()) if hasattr(datamodule, "heldout_tasks") else []
-        if len(tasks) > 1:  # a task mixture: every task on its own, logged under icl/<task>/
-            self.task_results = {t: self.evaluate(trainer, model, pl_module.device, t) for t in tasks}
-        else:
-            self.task_results = {"": self.evaluate(trainer, model, pl_module.device)}
+        if not self.episodes:  # evaluate() called outside a Trainer's setup
+            self.prepare(trainer.datamodule, pl_module.model.config.block_size)
+        failure, seconds, collected = None, {}, {}
+        try:
+            for task, k in self.episodes:
+                collected.setdefault(task, {})[k] = self._run(trainer, pl_module.model, pl_module.device, task, k, seconds)
+        except Exception as err:  # noqa: BLE001 -- any failure of the evaluation, reported below
+            if trainer.state.fn != "fit" or os.environ.get("LIT_ICL_DEBUG"):
+                raise
+            failure = err
+        # One collective on every rank, outside the part that can fail, so that no rank waits
+        # in a metric's sync for a rank whose evaluation failed.
+        if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            cause = f"{type(failure).__name__}: {_first_line(failure)}" if failure else "failed on another rank"
+            log.warning(f"icl: the evaluation at step {trainer.global_step} failed ({cause}); training goes on "
+                        "and icl/failed=1 is logged (LIT_ICL_DEBUG=1 raises instead)")
+            pl_module.log("icl/failed", 1.0, sync_dist=False)
+            return
+        self.task_results = {t: {k: m.compute() for k, m in per_k.items()} for t, per_k in collected.items()}
         self.results = next(iter(self.task_results.values()))
-        seconds = time.perf_counter() - start
         scalars = {
             f"icl/{task + '/' if task else ''}{name}/k={k}": v
             for task, results in self.task_results.items() for k, row in results.items() for name, v in row.items()
         }
-        scalars["icl/eval_seconds"] = seconds
+        scalars.update({f"icl/{t + '/' if t else ''}dropped_demos/k={k}": float(n) for (t, k), n in self.dropped.items()})
+        scalars.update({f"icl/seconds/{phase}": v for phase, v in seconds.items()})
+        scalars["icl/eval_seconds"] = time.perf_counter() - start
+        scalars["icl/failed"] = 0.0
         top = self.results[max(self.results)]
         scalars.update({f"hp/{name}": v for name, v in top.items() if name.endswith("_acc")})
         pl_module.log_dict(scalars, sync_dist=False)  # torchmetrics already reduced across ranks
-        rank_zero_info(f"icl: step {trainer.global_step}, {len(self.shots)} shot counts in {seconds:.1f} s; " + "; ".join(
+        rank_zero_info(f"icl: step {trainer.global_step}, {len(self.shots)} shot counts in {scalars['icl/eval_seconds']:.1f} s; " + "; ".join(
             f"{task + ' ' if task else ''}k={k} prompted {100 * r['prompted_acc']:.1f}%"
             for task, results in self.task_results.items() for k, r in results.items()))
         self._log_to_tensorboard(trainer, pl_module, top)
 
     @torch.no_grad()
+    def _run(self, trainer: pl.Trainer, model: TransformerLM, device, task: str, k: int,
+             seconds: dict[str, float]) -> ICLMetrics:
+        """The metrics of one task and shot count on this rank's share of its episodes, updated
+        but not yet computed (computing syncs across ranks). Phase times add up in `seconds`."""
+        everything = self.episodes[(task, k)]
+        randoms = self._random_updates(len(everything), model.config, trainer)
+        episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
+        approximate = self.approximate if model.config.attention == "softmax" else {}
+        metrics = ICLMetrics(model.config.n_layer, prediction_names(model, list(approximate))).to(device)
+        with evaluating(model):
+            for sl, group in batches(episodes, self.batch_size):
+                runs = EpisodeRuns(model, group, self.finetune_kwargs, approximate)
+                start = time.perf_counter()
+                metrics.update(runs, group, [r[sl].to(device) for r in randoms])
+                runs.seconds["metrics"] = time.perf_counter() - start
+                for phase, v in runs.seconds.items():
+                    seconds[phase] = seconds.get(phase, 0.0) + v
+        return metrics
+
     def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device, task: str | None = None
                  ) -> dict[int, dict[str, float]]:
-        """Metrics per shot count on this rank's share of the held-out episodes (of `task`, for
-        a DataModule with several), synced across ranks."""
-        datamodule = trainer.datamodule
-        if not hasattr(datamodule, "heldout_episodes"):
-            raise ValueError(
-                f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots), got "
-                f"{type(datamodule).__name__}"
-            )
-        results = {}
-        with evaluating(model):
-            for k in self.shots:
-                if task is None:
-                    everything = datamodule.heldout_episodes(k, self.num_episodes)
-                else:
-                    everything = datamodule.heldout_episodes(k, self.num_episodes, task=task)
-                randoms = self._random_updates(len(everything), model.config, trainer)
-                episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
-                approximate = self.approximate if model.config.attention == "softmax" else {}
-                metrics = ICLMetrics(model.config.n_layer, prediction_names(model, list(approximate))).to(device)
-                for sl, group in batches(episodes, self.batch_size):
-                    runs = EpisodeRuns(model, group, self.finetune_kwargs, approximate)
-                    metrics.update(runs, group, [r[sl].to(device) for r in randoms])
-                results[k] = metrics.compute()
-        return results
+        """Metrics per shot count of `task` (the only one when None) on this rank's share of
+        the held-out episodes, synced across ranks."""
+        if not self.episodes:
+            self.prepare(trainer.datamodule, model.config.block_size)
+        key = task or next(iter(self.episodes))[0]
+        return {k: self._run(trainer, model, device, t, k, {}).compute() for t, k in self.episodes if t == key}
 
     def _random_updates(self, n: int, cfg, trainer: pl.Trainer) -> list[Tensor]:
         """Per layer, n random directions [n, C] from a private generator (the global RNG, and

@@ -236,7 +236,7 @@ def convert(
         if num_features < 1:
             raise ValueError(f"num_features={num_features} must be >= 1")
         state = approximate_state(model, demo_ids.shape[0], mode, num_features, seed, demo_ids.device)
-    out = model.run(demo_ids, state=state, attention_mask=attention_mask, need_state=True)
+    out = model.run(demo_ids, state=state, attention_mask=attention_mask, need_state=True, logits_at="none")
     return ContextState(out.layers, out.offset, out.last_token, mode)
 
 

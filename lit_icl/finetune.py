@@ -132,8 +132,8 @@ class _Run(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: Tensor, mask: Tensor | None, need_attn: bool):
-        out = self.model.run(ids, attention_mask=mask, need_attn=need_attn, check=False)
+    def forward(self, ids: Tensor, mask: Tensor | None, need_attn: bool, logits_at: str):
+        out = self.model.run(ids, attention_mask=mask, need_attn=need_attn, check=False, logits_at=logits_at)
         return out.logits, out.attn_outputs, out.attn_scores
 
 
@@ -144,16 +144,17 @@ def finetuned_logits(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     need_attn: bool = False,
+    logits_at: str = "all",
 ):
     """Episode i's finetuned copy (weights[name][i]) run on input_ids[i] [N, T] (with its
-    attention_mask row): logits [N, T, V], and with need_attn also the per-layer attention
+    attention_mask row): logits [N, T, V] ([N, 1, V] with logits_at="last"), and with need_attn also the per-layer attention
     outputs [N, T, C] and last-position scores [N, H, T] (lists over layers, empty otherwise)."""
     runner = _Run(model)
 
     def one(p: dict[str, Tensor], ids: Tensor, mask: Tensor | None):
         logits, outputs, scores = functional_call(
             runner, {f"model.{n}": w for n, w in p.items()},
-            (ids[None], None if mask is None else mask[None], need_attn), strict=False,
+            (ids[None], None if mask is None else mask[None], need_attn, logits_at), strict=False,
         )
         return logits[0], [a[0] for a in outputs], [s[0] for s in scores]
 

@@ -100,7 +100,7 @@ class LMOutput:
     `attn_scores[l]` the last position's scores over this input's tokens [B, H, T]
     (q.k/sqrt(d) for softmax, phi(q).phi(k) for linear) — filled only when asked for."""
 
-    logits: Tensor
+    logits: Optional[Tensor]
     offset: Tensor
     last_token: Tensor
     layers: Optional[list[dict[str, Tensor]]] = None
@@ -240,8 +240,13 @@ class TransformerLM(nn.Module):
         need_state: bool = False,
         need_attn: bool = False,
         check: bool = True,
+        logits_at: str = "all",
     ) -> LMOutput:
-        """Forward pass that can also return the new state and per-layer attention outputs."""
+        """Forward pass that can also return the new state and per-layer attention outputs.
+        logits_at: "all" positions [B, T, V], the "last" one [B, 1, V], or "none" (None; the
+        output head is the costliest layer of a small model, and conversion needs no logits)."""
+        if logits_at not in ("all", "last", "none"):
+            raise ValueError(f"logits_at={logits_at!r}; allowed: 'all', 'last', 'none'")
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
@@ -290,7 +295,10 @@ class TransformerLM(nn.Module):
             if need_attn:
                 out.attn_outputs.append(a)
                 out.attn_scores.append(scores)
-        out.logits = self.lm_head(self.ln_f(x))
+        if logits_at != "none":
+            out.logits = self.lm_head(self.ln_f(x[:, -1:] if logits_at == "last" else x))
+        else:
+            out.logits = None
         return out
 
     def _prior(self, state, B: int, device):

@@ -85,6 +85,8 @@ class LitTransformerLM(pl.LightningModule):
         self.save_hyperparameters()
         self.hparams["config"] = asdict(config)  # a plain dict: checkpoints hold no custom class
         self.model = TransformerLM(config)
+        # One sequence (at most 256 tokens) for the model summary's FLOPs column.
+        self.example_input_array = torch.zeros(1, min(config.block_size, 256), dtype=torch.long)
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({"loss": MeanMetric(), "acc": MeanMetric()}) for stage in ("val", "test")}
         )

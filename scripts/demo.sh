@@ -11,7 +11,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # 25x slower (0.4 vs 10.7 steps/s measured with another process on one of the two cores).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 start=$(date +%s)
-.venv/bin/lit-icl fit --config configs/quickstart.yaml "$@"
+run=demo-$(date +%Y%m%d-%H%M%S)  # one folder per run: checkpoints/$run/, lightning_logs/$run/
+.venv/bin/lit-icl fit --config configs/quickstart.yaml --run_name "$run" "$@"
 echo
-echo "demo: finished in $(( $(date +%s) - start )) s. Checkpoints: checkpoints/ (last.ckpt)."
-echo "demo: open the logs with  scripts/tensorboard.sh   (TensorBoard on lightning_logs/)"
+echo "demo: finished in $(( $(date +%s) - start )) s."
+[ -f "checkpoints/$run/last.ckpt" ] && echo "demo: last checkpoint: checkpoints/$run/last.ckpt"
+echo "demo: open the logs with  scripts/tensorboard.sh   (TensorBoard on lightning_logs/$run)"

@@ -164,7 +164,7 @@ def test_bad_inputs_give_one_line_errors_and_no_output(tmp_path, ckpts, capsys, 
         assert "Traceback" not in err
         assert not (tmp_path / "out.safetensors").exists()
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), "no temp file left"
-    assert not list(tmp_path.glob("checkpoints/*.ckpt")), "no fit case trained"
+    assert not list(tmp_path.glob("checkpoints/*/*.ckpt")), "no fit case trained"
     assert not __import__("os").path.exists("/tmp/lit_icl_pwned"), "the pickle's code never ran"
 
 

@@ -21,7 +21,7 @@ def test_cli_fit_ddp_two_cpu_processes(run_cli, quickstart_tiny, tmp_path):
     assert "Traceback" not in proc.stderr
     for rank in (0, 1):
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in proc.stderr + proc.stdout
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "version_0" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6
     assert LitTransformerLM.load_from_checkpoint(last).config.n_embd == 32
     assert time.monotonic() - start < 60

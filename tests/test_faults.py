@@ -46,7 +46,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     proc = subprocess.Popen([str(LIT_ICL), "fit", *FAST, *steps], cwd=tmp_path / "b", env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "b" / "checkpoints" / "version_0" / "last.ckpt"
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -54,7 +54,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    for ckpt in (tmp_path / "b" / "checkpoints").glob("*.ckpt"):  # nothing on disk is corrupt
+    for ckpt in (tmp_path / "b" / "checkpoints" / "version_0").glob("*.ckpt"):  # nothing on disk is corrupt
         load_checkpoint(ckpt)
     killed_at = load_checkpoint(last)["global_step"]
     assert 20 <= killed_at < 400
@@ -64,7 +64,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     end = load_checkpoint(last)
     assert end["global_step"] == 400
     # deterministic run (seeded, no dropout, data order from (seed, epoch) only): bitwise equal
-    ref = weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    ref = weights(tmp_path / "a" / "checkpoints" / "version_0" / "last.ckpt")
     assert all(torch.equal(end["state_dict"][k], ref[k]) for k in ref)
 
 
@@ -119,7 +119,7 @@ def test_nonfinite_loss_on_the_command_line(tmp_path):
                 '[{"class_path": "tests.faults.PoisonWeightsAt", "init_args": {"step": 25}}]'], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "lit-icl: error: non-finite training loss (nan) at step 25" in proc.stderr
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 20
+    assert load_checkpoint(tmp_path / "checkpoints" / "version_0" / "last.ckpt")["global_step"] == 20
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ def test_fit_smoke_loss_decreases(tiny_config, tiny_data, make_trainer):
 def test_cli_fit_writes_last_checkpoint(run_cli, quickstart_tiny, tmp_path):
     proc = run_cli(["fit", *quickstart_tiny], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "version_0" / "last.ckpt"
     assert last.is_file()
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
     module = LitTransformerLM.load_from_checkpoint(last)

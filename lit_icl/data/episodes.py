@@ -159,6 +159,41 @@ class Episodes:
         query = torch.ones_like(self.query_ids) if query is None else query.long()
         return torch.cat([demo, query], dim=1)
 
+    @property
+    def prompt_lengths(self) -> torch.Tensor:
+        """``[N]`` real tokens of each prompt (demonstrations and query, padding excluded)."""
+        mask = self.prompt_mask
+        return torch.full((len(self),), self.prompts.shape[1]) if mask is None else mask.sum(1).cpu()
+
+    def drop_longest(self, max_tokens: int) -> tuple["Episodes", int]:
+        """Episodes whose prompts fit ``max_tokens``: from each episode that is too long, its
+        longest demonstrations are dropped (the others keep their order) until it fits. Returns
+        the episodes and the number of demonstrations dropped in all. ValueError when a query
+        alone is too long, or when the demonstrations are not split (``shot_index`` is None)."""
+        lengths = self.prompt_lengths
+        if not len(self) or int(lengths.max()) <= max_tokens:
+            return self, 0
+        if self.shot_index is None:
+            raise ValueError("drop_longest needs episodes that know their demonstrations (shot_index)")
+        pad = int(self.demo_ids[self.shot_index < 0][0]) if bool((self.shot_index < 0).any()) else 0
+        qmask = torch.ones_like(self.query_ids) if self.query_mask is None else self.query_mask
+        demos, queries, dropped = [], [], 0
+        for i in range(len(self)):
+            row, index = self.demo_ids[i], self.shot_index[i]
+            shots = [row[index == s].tolist() for s in range(int(index.max()) + 1 if index.numel() else 0)]
+            query = self.query_ids[i][qmask[i].bool()].tolist()
+            budget = max_tokens - len(query)
+            if budget < 0:
+                raise ValueError(f"a query of {len(query)} tokens alone is longer than {max_tokens} tokens")
+            keep = list(range(len(shots)))
+            while sum(len(shots[s]) for s in keep) > budget:
+                keep.remove(max(keep, key=lambda s: len(shots[s])))
+                dropped += 1
+            demos.append([shots[s] for s in keep])
+            queries.append(query)
+        fitted = Episodes.from_lists(demos, queries, self.answers.tolist(), self.candidates.tolist(), pad_id=pad)
+        return fitted.to(self.demo_ids.device), dropped
+
     def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The demonstrations one by one: ids ``[N, k, L]`` left-padded to the longest, and
         their mask (``None`` when none is padded)."""
