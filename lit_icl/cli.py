@@ -4,7 +4,9 @@
     lit-icl validate|test|predict --config ... --ckpt_path checkpoints/last.ckpt
 
 ``--data`` takes any LightningDataModule subclass (``class_path``); its ``vocab_size`` is linked
-into ``model.config.vocab_size`` when the classes are instantiated. Defaults (all overridable):
+into ``model.config.vocab_size`` when the classes are instantiated. With ``--model.pretrained DIR``
+(a local Hugging Face gpt2/llama directory) the model is the checkpoint's: the linked vocab_size
+must not exceed its vocabulary, and other ``--model.config.*`` values must agree with it. Defaults (all overridable):
 a TensorBoardLogger under ``lightning_logs/`` and a ModelCheckpoint, configured in its own
 ``checkpoint`` section, that writes ``checkpoints/last.ckpt``. Invalid values (a parse error or
 a ValueError/TypeError from a constructor) end with a one-line ``error:`` message and exit 2.

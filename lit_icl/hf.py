@@ -95,7 +95,7 @@ def rope_theta(hf: dict) -> float:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind != "default":
         raise ValueError(f"rope_type={kind!r}: only the plain rotary embedding ('default') is supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
 
 
 def llama_config(hf: dict) -> TransformerConfig:
@@ -151,11 +151,14 @@ def loader(config: dict):
 def _model(config: dict, weights: Callable[[], dict[str, Tensor]]) -> TransformerLM:
     make_config, rename = loader(config)
     cfg = make_config(config)  # every config error before the (possibly large) weights are read
-    ours = rename(cfg, weights())
+    ours = {k: v.float().contiguous() for k, v in rename(cfg, weights()).items()}
     if cfg.tie_weights:
         ours["lm_head.weight"] = ours["wte.weight"]
-    model = TransformerLM(cfg)
-    model.load_state_dict({k: v.float().contiguous() for k, v in ours.items()}, strict=True)
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        model = TransformerLM(cfg)
+    model.load_state_dict(ours, strict=True, assign=True)
+    if cfg.tie_weights:
+        model.lm_head.weight = model.wte.weight
     return model.eval()
 
 
