@@ -3,6 +3,7 @@ and not, tied and untied head, non-default rope_theta and rms_norm_eps), saved w
 save_pretrained and loaded with TransformerLM.from_hf, give transformers' logits and greedy
 tokens; everything a softmax model does (KV-prefix conversion, the approximate modes, bake,
 ContextState files, decoding, finetuning, the Lightning module and CLI) works on them."""
+import dataclasses
 import json
 import shutil
 
@@ -187,7 +188,7 @@ def repeated_heads(model: TransformerLM) -> TransformerLM:
     projection rows copied for every query head of its group."""
     cfg = model.config
     groups = cfg.n_head // cfg.kv_heads
-    mha = TransformerLM(TransformerConfig(**{**cfg.__dict__, "n_kv_head": None})).to(next(model.parameters()).dtype)
+    mha = TransformerLM(dataclasses.replace(cfg, n_kv_head=None)).to(next(model.parameters()).dtype)
     state = model.state_dict()
     for name, t in state.items():
         if name.endswith(("k_proj.weight", "v_proj.weight")):
