@@ -6,6 +6,9 @@
 ``--data`` takes any LightningDataModule subclass (``class_path``); its ``vocab_size`` is linked
 into ``model.config.vocab_size`` when the classes are instantiated. Invalid values (a parse error
 or a ValueError/TypeError from a constructor) end with a one-line ``error:`` message and exit 2.
+With ``--model.pretrained DIR`` (a local Hugging Face gpt2/llama directory) the model is the
+checkpoint's: the linked vocab_size must not exceed its vocabulary, and other
+``--model.config.*`` values must agree with it.
 
 One folder per run. Every ``fit`` is a run with a name (``--run_name``; by default the next free
 ``version_N``): its checkpoints go to ``checkpoints/<run>/`` (``last.ckpt`` and the periodic

@@ -36,7 +36,8 @@ from lit_icl.ops import feature_dim
 FORMAT = "lit_icl.ContextState/1"
 MODES = {"linear": ("exact",), "softmax": ("kv", "prf", "taylor")}
 APPROXIMATE = ("prf", "taylor")
-ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position", "token_shift")
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position", "token_shift",
+               "n_kv_head", "rope_theta")
 
 
 @dataclass
@@ -45,7 +46,8 @@ class ContextState:
 
     layers[l] maps names to tensors with the batch first: "S" (b_KV [B, H, F, D]) and "z"
     (b_D [B, H, F]) for linear attention, "k", "v" [B, H, M, D] and "kv_mask" [B, M] for a
-    softmax KV prefix, "m" [B, H, D] for momentum. offset [B] counts each row's real tokens:
+    softmax KV prefix, "m" [B, H, D] for momentum; H is the number of key/value heads
+    (n_kv_head, fewer than n_head under grouped-query attention). offset [B] counts each row's real tokens:
     the converted model continues positions there. last_token [B] is each row's last token
     (-1 for none), the input of token shift. mode is "exact" or "kv".
     """
@@ -107,9 +109,9 @@ class ContextState:
             raise ValueError(f"{path} is not a readable safetensors context file ({e})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a lit_icl context file (format={meta.get('format')!r})")
-        if "arch" in meta:
+        if "arch" in meta:  # fields a file predates are not compared
             saved = json.loads(meta["arch"])
-            diff = {f: (saved.get(f), getattr(model.config, f)) for f in ARCH_FIELDS if saved.get(f) != getattr(model.config, f)}
+            diff = {f: (saved[f], getattr(model.config, f)) for f in ARCH_FIELDS if f in saved and saved[f] != getattr(model.config, f)}
             if diff:
                 detail = ", ".join(f"{f}: state {a!r} vs model {b!r}" for f, (a, b) in diff.items())
                 raise ValueError(f"{path} was made for another model ({detail})")
@@ -141,8 +143,8 @@ def fingerprint(model: TransformerLM) -> str:
 
 def expected_shapes(cfg: TransformerConfig, mode: str) -> dict[str, tuple[int | None, ...]]:
     """Per-layer state tensors of a `mode` state for a model of `cfg`, without the batch
-    dimension (None = any length)."""
-    H, D = cfg.n_head, cfg.head_dim
+    dimension (None = any length). Heads are key/value heads (n_kv_head)."""
+    H, D = cfg.kv_heads, cfg.head_dim
     if mode == "exact":
         F = feature_dim(cfg.feature_map, D)
         shapes: dict[str, tuple[int | None, ...]] = {"S": (H, F, D), "z": (H, F)}
@@ -183,9 +185,11 @@ def approximate_state(
     model: TransformerLM, batch: int, mode: str, num_features: int = 256, seed: int = 0, device=None
 ) -> ContextState:
     """An empty ICLAA state (zero sums) for a softmax model: what `convert` continues from in
-    mode "prf" (one N(0, I) projection [m, d] per layer and head, from `seed`) or "taylor"."""
+    mode "prf" (one N(0, I) projection [m, d] per layer and key/value head, from `seed`) or
+    "taylor". Under grouped-query attention the query heads of a group share their key head's
+    projection, so that phi(q).phi(k) estimates exp(q.k / sqrt d) for every pair."""
     cfg = model.config
-    H, D = cfg.n_head, cfg.head_dim
+    H, D = cfg.kv_heads, cfg.head_dim
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
     F = num_features if mode == "prf" else feature_dim("taylor", D)

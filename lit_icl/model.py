@@ -11,7 +11,13 @@ A state is any object with `layers` (one dict of tensors per layer), `offset` ([
 number of tokens already seen per row) and `last_token` ([B] long, the last token seen, -1 for
 none; token shift reads it); `lit_icl.context.ContextState` is the public one.
 Per-layer keys: "S", "z" (linear attention: b_KV [B, H, F, D], b_D [B, H, F]); "m" (momentum
-accumulator [B, H, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H, P, D], [B, P]).
+accumulator [B, H_kv, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H_kv, P, D], [B, P]), where
+H_kv = n_kv_head key/value heads (grouped-query attention), each shared by n_head / n_kv_head
+query heads.
+
+The same model holds GPT-2 (LayerNorm, GELU MLP, learned positions) and the Llama family
+(RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases); `lit_icl.hf`
+loads either from a local Hugging Face directory.
 """
 from __future__ import annotations
 
@@ -23,15 +29,16 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from lit_icl.layers import ACTIVATIONS, MLPS, NORMS, RESIDUAL_PROJECTIONS, make_mlp, make_norm
 from lit_icl.ops import (
     FEATURE_MAPS,
     feature_map,
     linear_attention_chunked,
     momentum_chunked,
     positive_random_features,
+    repeat_kv,
     rope,
     softmax_attention,
     softmax_attention_biased,
@@ -40,7 +47,6 @@ from lit_icl.ops import (
 
 ATTENTIONS = ("linear", "softmax")
 POSITIONS = ("learned", "rope", "none")
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # -> nn.GELU(approximate=...)
 EPS = 1e-6  # guards the linear-attention normaliser phi(q).z against 0 (relu features)
 
 
@@ -62,11 +68,21 @@ class TransformerConfig:
     chunk_size: int = 32  # chunk length of the chunked linear attention / momentum (bench.py sweep)
     tie_weights: bool = True  # share token embedding and output head
     token_shift: bool = False  # add the previous token's embedding to each token's input
-    activation: str = "gelu"  # MLP non-linearity: "gelu" (exact) | "gelu_tanh" (GPT-2)
+    activation: str = "gelu"  # GELU of mlp="gelu": "gelu" (exact) | "gelu_tanh" (GPT-2)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (Zhang & Sennrich 2019; Llama)
+    norm_eps: float = 1e-5  # epsilon of every norm (Llama: the checkpoint's rms_norm_eps)
+    mlp: str = "gelu"  # "gelu": Linear-GELU-Linear | "swiglu": down(silu(gate x) * up x) (Llama)
+    mlp_hidden: Optional[int] = None  # MLP width (Llama: intermediate_size); None = 4 * n_embd
+    n_kv_head: Optional[int] = None  # key/value heads of softmax attention (grouped-query
+    # attention, Ainslie et al. 2023): each serves n_head / n_kv_head query heads; None = n_head
+    rope_theta: float = 10000.0  # RoPE base of position="rope" (Llama: the checkpoint's rope_theta)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size"):
+        optional = ("mlp_hidden", "n_kv_head")
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size", *optional):
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head:
@@ -87,10 +103,32 @@ class TransformerConfig:
             raise ValueError(f"activation={self.activation!r}; allowed: {list(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if self.kv_heads != self.n_head and self.attention != "softmax":
+            raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention='softmax'")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; allowed: {list(NORMS)}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp={self.mlp!r}; allowed: {list(MLPS)}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden(self) -> int:
+        """MLP width: mlp_hidden, or 4 * n_embd when None."""
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
 
 
 @dataclass
@@ -109,24 +147,26 @@ class LMOutput:
 
 
 class Attention(nn.Module):
-    """Multi-head causal attention; linear or softmax, optional momentum, state in and out."""
+    """Multi-head causal attention; linear or softmax, optional momentum, state in and out.
+    Softmax attention may have fewer key/value heads than query heads (grouped-query): k, v
+    and every state keep n_kv_head heads, repeated for the query heads only inside the op."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias) for _ in range(4)
-        )
+        kv = cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.phi = feature_map(cfg.feature_map)
 
     def forward(self, x, positions, mask, state, need_state, need_attn):
         cfg, (B, T, C) = self.cfg, x.shape
-        q, k, v = (
-            p(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k, v = (p(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         if cfg.position == "rope":
-            q, k = rope(q, positions), rope(k, positions)
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         state = state or {}
         new: dict[str, Tensor] = {}
         if cfg.attention == "linear":
@@ -139,7 +179,8 @@ class Attention(nn.Module):
         else:
             prefix = (state.get("k"), state.get("v"), state.get("kv_mask"))
             if "S" in state:  # approximate context (ICLAA): feature-map sums of the context keys
-                fq = approximate_features(q, state.get("W"))
+                W = state.get("W")
+                fq = approximate_features(q, None if W is None else repeat_kv(W, cfg.n_head))
                 o = softmax_attention_biased(q, k, v, fq, state["S"], state["z"], mask, *prefix)
             else:
                 o = softmax_attention(q, k, v, *prefix, mask)
@@ -160,26 +201,23 @@ class Attention(nn.Module):
             score_scale = 1.0 / math.sqrt(cfg.head_dim)
         if cfg.momentum > 0:
             mo, new["m"] = momentum_chunked(v, cfg.momentum, state.get("m"), mask, cfg.chunk_size)
-            o = o + mo
+            o = o + repeat_kv(mo, cfg.n_head)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, C))
-        scores = (q[:, :, -1:] @ k.transpose(-1, -2))[:, :, 0] * score_scale if need_attn else None
+        scores = None
+        if need_attn:
+            scores = (q[:, :, -1:] @ repeat_kv(k, cfg.n_head).transpose(-1, -2))[:, :, 0] * score_scale
         return y, (new if need_state else None), scores
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias),
-            nn.GELU(approximate=ACTIVATIONS[cfg.activation]),
-            nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias),
-            nn.Dropout(cfg.dropout),
-        )
+        self.ln_2 = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, positions, mask, state, need_state, need_attn):
@@ -189,7 +227,7 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """GPT-style LM: token (+ learned position) embeddings, n_layer blocks, LayerNorm, head."""
+    """GPT-style LM: token (+ learned position) embeddings, n_layer blocks, final norm, head."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -200,14 +238,14 @@ class TransformerLM(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.context: Optional[BakedContext] = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections
-            if name.endswith("o_proj.weight") or name.endswith("mlp.2.weight"):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -218,10 +256,17 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     @classmethod
+    def from_hf(cls, path) -> "TransformerLM":
+        """A local Hugging Face directory (config.json + safetensors or pytorch_model.bin) of
+        model_type "gpt2" or "llama" as a softmax TransformerLM; see `lit_icl.hf`. No download."""
+        from lit_icl.hf import from_hf
+
+        return from_hf(path)
+
+    @classmethod
     def from_hf_gpt2(cls, path) -> "TransformerLM":
-        """A local Hugging Face GPT-2 directory (config.json + model.safetensors or
-        pytorch_model.bin) as a softmax TransformerLM; see `lit_icl.gpt2`. No download."""
-        from lit_icl.gpt2 import from_hf_gpt2
+        """`from_hf` for a GPT-2 directory only (ValueError for any other model_type)."""
+        from lit_icl.hf import from_hf_gpt2
 
         return from_hf_gpt2(path)
 

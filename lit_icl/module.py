@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict
 from functools import partial
@@ -19,6 +20,7 @@ from lit_icl.model import BakedContext, TransformerConfig, TransformerLM
 __all__ = ["LitTransformerLM", "lr_lambda"]
 
 IGNORE_INDEX = -100
+RUNTIME_FIELDS = ("dropout", "chunk_size")  # change no weight: a pretrained model takes them from `config`
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
@@ -37,6 +39,31 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def pretrained_config(given: TransformerConfig | Mapping, loaded: TransformerConfig) -> TransformerConfig:
+    """The config of a module built from a pretrained checkpoint whose config is `loaded`, given
+    the module's `config` argument. A dict names the fields it sets; a TransformerConfig (what
+    the CLI builds, with the data's vocab_size linked in) sets vocab_size and the fields that
+    differ from their defaults. Runtime fields (dropout, chunk_size) are taken; vocab_size may
+    be smaller than the checkpoint's (the data uses the first ids); any other field set must
+    equal the checkpoint's, else ValueError naming it."""
+    if isinstance(given, TransformerConfig):
+        defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+        given = {k: v for k, v in asdict(given).items() if k == "vocab_size" or v != defaults[k]}
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    updates = {}
+    for name, value in given.items():
+        if name not in known:
+            raise ValueError(f"config.{name} is not a TransformerConfig field")
+        have = getattr(loaded, name)
+        if name in RUNTIME_FIELDS:
+            updates[name] = value
+        elif name == "vocab_size" and value > have:
+            raise ValueError(f"config.vocab_size={value} (the data's) exceeds the pretrained model's vocabulary of {have}")
+        elif name != "vocab_size" and value != have:
+            raise ValueError(f"config.{name}={value!r} conflicts with the pretrained checkpoint's {name}={have!r}")
+    return dataclasses.replace(loaded, **updates)
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -50,7 +77,12 @@ class LitTransformerLM(pl.LightningModule):
 
     Args:
         config: the model's :class:`~lit_icl.model.TransformerConfig` (a dict of its fields is
-            accepted too).
+            accepted too). May be omitted with ``pretrained``; see :func:`pretrained_config`.
+        pretrained: a local Hugging Face directory (``model_type`` gpt2 or llama) whose weights
+            the model starts from (:meth:`TransformerLM.from_hf`). The hparams keep it and the
+            whole config, so ``load_from_checkpoint`` (which passes ``pretrained=None``) rebuilds
+            the model without the directory; ``lit-icl validate --ckpt_path`` (whose data's
+            vocabulary is linked into the config) reads the directory again.
         lr: peak learning rate of AdamW.
         weight_decay: decoupled weight decay of the parameters with ``dim >= 2``.
         betas: AdamW betas.
@@ -62,7 +94,8 @@ class LitTransformerLM(pl.LightningModule):
 
     def __init__(
         self,
-        config: TransformerConfig,
+        config: TransformerConfig = {},  # noqa: B006 (never mutated; a dict default keeps --model.config.* options)
+        pretrained: str | None = None,
         lr: float = 3e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -71,9 +104,11 @@ class LitTransformerLM(pl.LightningModule):
         on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
-        if isinstance(config, Mapping):
+        if pretrained is None and isinstance(config, Mapping):
+            if "vocab_size" not in config:
+                raise TypeError("LitTransformerLM needs a config (with vocab_size) unless pretrained is given")
             config = TransformerConfig(**config)
-        if not isinstance(config, TransformerConfig):
+        if not isinstance(config, (TransformerConfig, Mapping)):
             raise TypeError(f"config must be a TransformerConfig or a dict of its fields, got {type(config).__name__}")
         if lr <= 0 or warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(
@@ -83,13 +118,28 @@ class LitTransformerLM(pl.LightningModule):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
         self.save_hyperparameters()
-        self.hparams["config"] = asdict(config)  # a plain dict: checkpoints hold no custom class
-        self.model = TransformerLM(config)
+        if pretrained is None:
+            self.model = TransformerLM(config)
+        else:
+            self.model = TransformerLM.from_hf(pretrained).train()
+            cfg = pretrained_config(config, self.model.config)
+            if cfg != self.model.config:
+                tuned = TransformerLM(cfg)
+                tuned.load_state_dict(self.model.state_dict())
+                self.model = tuned
+        self.hparams["config"] = asdict(self.model.config)  # a plain dict: checkpoints hold no custom class
         # One sequence (at most 256 tokens) for the model summary's FLOPs column.
-        self.example_input_array = torch.zeros(1, min(config.block_size, 256), dtype=torch.long)
+        self.example_input_array = torch.zeros(1, min(self.model.config.block_size, 256), dtype=torch.long)
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({"loss": MeanMetric(), "acc": MeanMetric()}) for stage in ("val", "test")}
         )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> "LitTransformerLM":
+        """Lightning's ``load_from_checkpoint`` with ``pretrained=None`` unless given: the
+        checkpoint holds the weights and the whole config, not the directory."""
+        kwargs.setdefault("pretrained", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def config(self) -> TransformerConfig:

@@ -36,6 +36,7 @@ def test_logits_match_transformers(gpt2_dir, tmp_path, fmt):
     ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(TransformerLM.from_hf(path)(ids), ours(ids))  # from_hf dispatches on model_type
 
 
 def test_conversion_on_gpt2_weights(gpt2_dir):

@@ -8,7 +8,10 @@ from torch import Tensor
 def rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotate channel pairs (i, i + d/2) of x [B, H, T, d] by angle pos * base^(-2i/d).
 
-    positions is [B, T] (long): each row may start at its own offset.
+    This pairing of the first and second halves of the head ("rotate half") is the layout of
+    GPT-NeoX and of the Llama family's Hugging Face checkpoints, rather than the paper's
+    adjacent pairs (2i, 2i + 1); base is the checkpoint's rope_theta. positions is [B, T]
+    (long): each row may start at its own offset.
     """
     d = x.shape[-1]
     inv_freq = base ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float64) * 2 / d)

@@ -2,8 +2,9 @@
 prefix: the exact KV-prefix form of a softmax model's context (BRIEF §2, the upper bound for
 approximate conversion).
 
-Shapes: q, k, v [B, H, T, D]; prefix_k, prefix_v [B, H, P, D]; prefix_mask [B, P] and mask
-[B, T] with 1 = token. A query attends to every real prefix key and to the real keys at or
+Shapes: q [B, H, T, D]; k, v [B, H_kv, T, D]; prefix_k, prefix_v [B, H_kv, P, D]; prefix_mask
+[B, P] and mask [B, T] with 1 = token. H_kv divides H: with H_kv < H (grouped-query attention,
+Ainslie et al. 2023) query head h reads key/value head h // (H / H_kv). A query attends to every real prefix key and to the real keys at or
 before it; it always sees itself, so a padding query never has an empty row (its output is
 ignored by the caller).
 """
@@ -16,6 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def repeat_kv(x: Tensor, n_head: int) -> Tensor:
+    """Key/value heads [B, H_kv, ...] repeated for n_head query heads [B, n_head, ...]:
+    each of the H_kv heads serves n_head / H_kv consecutive query heads (grouped-query attention)."""
+    groups = n_head // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 def softmax_attention(
     q: Tensor,
     k: Tensor,
@@ -26,15 +34,15 @@ def softmax_attention(
     mask: Tensor | None = None,
 ) -> Tensor:
     """softmax(q [prefix_k | k]^T / sqrt(d) + causal/padding mask) [prefix_v | v]."""
+    B, H, T, _ = q.shape
     if prefix_k is None and mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    B, _, T, _ = q.shape
+        return F.scaled_dot_product_attention(q, repeat_kv(k, H), repeat_kv(v, H), is_causal=True)
     if prefix_k is not None and prefix_mask is None:
         prefix_mask = torch.ones(B, prefix_k.shape[2], dtype=torch.bool, device=q.device)
     allowed = attention_mask(B, T, q.device, prefix_mask, mask)
     if prefix_k is not None:
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+    return F.scaled_dot_product_attention(q, repeat_kv(k, H), repeat_kv(v, H), attn_mask=allowed[:, None])
 
 
 def attention_mask(
@@ -69,15 +77,16 @@ def softmax_attention_biased(
         o_t = (sum_{j<=t} exp(q_t.k_j/sqrt d) v_j + phi(q_t)^T b_KV)
               / (sum_{j<=t} exp(q_t.k_j/sqrt d) + phi(q_t)^T b_D)
 
-    fq = phi(q) [B, H, T, F]. An exact KV prefix (a decoding cache of earlier input tokens) joins
+    fq = phi(q) [B, H, T, F]; S and z may have H_kv heads, like k and v. An exact KV prefix (a decoding cache of earlier input tokens) joins
     the exact sums. Computed with the row max m subtracted from the exact scores and the
     context terms scaled by exp(-m), so nothing overflows that the exact part would not.
     """
-    B, _, T, d = q.shape
+    B, H, T, d = q.shape
     if prefix_k is not None:
         if prefix_mask is None:
             prefix_mask = torch.ones(B, prefix_k.shape[2], dtype=torch.bool, device=q.device)
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+    k, v, S, z = (repeat_kv(t, H) for t in (k, v, S, z))
     allowed = attention_mask(B, T, q.device, prefix_mask, mask)[:, None]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,55 @@
+"""The per-token layers of a block: its norm and its MLP, picked by the config.
+
+GPT-2: LayerNorm and Linear-GELU-Linear (tanh-approximated GELU). The Llama family: RMSNorm and
+the SwiGLU MLP. Both act on each token alone, so they never touch the attention state.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lit_icl.model import TransformerConfig
+
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # -> nn.GELU(approximate=...)
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+RESIDUAL_PROJECTIONS = ("o_proj.weight", "mlp.2.weight", "mlp.down_proj.weight")  # GPT-2's scaled init
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    """LayerNorm (GPT-2), or RMSNorm x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019;
+    Llama), which has no bias and does not centre."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve
+    Transformer", FFN_SwiGLU with Swish_1 = SiLU)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def make_mlp(cfg: TransformerConfig) -> nn.Module:
+    """The MLP that `cfg.mlp` names: SwiGLU, or GPT-2's Linear-GELU-Linear."""
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg)
+    return nn.Sequential(
+        nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias),
+        nn.GELU(approximate=ACTIVATIONS[cfg.activation]),
+        nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias),
+        nn.Dropout(cfg.dropout),
+    )
