@@ -4,6 +4,7 @@ import random
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,8 +28,8 @@ def env():
     return {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def fit(args, cwd, **kw):
-    return subprocess.run([str(LIT_ICL), "fit", *FAST, *args], cwd=cwd, env=env(), capture_output=True,
+def fit(args, cwd, config=FAST, **kw):
+    return subprocess.run([str(LIT_ICL), "fit", *config, *args], cwd=cwd, env=env(), capture_output=True,
                           text=True, timeout=300, **kw)
 
 
@@ -130,3 +131,45 @@ def test_a_dying_ddp_rank_ends_the_job_promptly(tmp_path):
                 '[{"class_path": "tests.faults.KillRankAt", "init_args": {"step": 10, "rank": 1}}]'], tmp_path)
     assert proc.returncode != 0
     assert time.time() - start < 90, "the job hung instead of ending when rank 1 died"
+
+
+def text_fast(tmp_path):
+    """A tiny text run: a 1-layer momentum LM on a 40-paragraph corpus the test writes, 16-token
+    blocks, batches of 16 (about 9 steps an epoch), a checkpoint every 5 steps."""
+    from tests.textdata import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=40)
+    return [
+        "--config", str(ROOT / "configs" / "text_momentum.yaml"), "--seed_everything", "0",
+        "--model.config.n_embd", "16", "--model.config.n_head", "2", "--model.config.n_layer", "1",
+        "--model.config.block_size", "16", "--model.warmup_steps", "5",
+        "--data.init_args.corpus", str(corpus), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+        "--data.init_args.block_size", "16", "--data.init_args.vocab_size", "300",
+        "--data.init_args.val_fraction", "0.1", "--data.init_args.batch_size", "16",
+        "--trainer.accelerator", "cpu", "--trainer.val_check_interval", "1000", "--trainer.limit_val_batches", "0",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger", "false", "--checkpoint.every_n_train_steps", "5",
+    ]
+
+
+@pytest.mark.slow
+def test_text_run_killed_mid_epoch_resumes_exactly(tmp_path):
+    """kill -9 a text run two steps after a checkpoint taken in the middle of an epoch; resumed
+    with --ckpt_path last it ends with the uninterrupted run's weights, bitwise."""
+    config, steps = text_fast(tmp_path), ["--trainer.max_steps", "30"]
+    run = [*steps, "--checkpoint.dirpath", str(tmp_path / "run")]
+    kill = '[{"class_path": "tests.faults.KillRankAt", "init_args": {"step": 17, "rank": 0}}]'
+    with ThreadPoolExecutor(2) as pool:  # the uninterrupted and the killed run side by side
+        full, killed = pool.map(lambda args: fit(args, tmp_path, config), [
+            [*steps, "--checkpoint.dirpath", str(tmp_path / "full")], [*run, "--trainer.callbacks", kill]])
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    position = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]  # what Lightning saved
+    assert saved["global_step"] == 15 and position["epoch"] >= 1 and position["batches"] > 0, position
+
+    resumed = fit([*run, "--ckpt_path", "last"], tmp_path, config)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    end, ref = load_checkpoint(tmp_path / "run" / "last.ckpt"), weights(tmp_path / "full" / "last.ckpt")
+    assert end["global_step"] == 30
+    assert all(torch.equal(end["state_dict"][k], ref[k]) for k in ref)

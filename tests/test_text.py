@@ -158,9 +158,88 @@ def test_two_ddp_processes_share_one_cache_without_racing(corpus, tmp_path):
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert "tokenizer" in ranks[0]["built"] and ranks[1]["built"] == [], "rank 0 builds, rank 1 only loads"
     assert ranks[0]["sha"] == ranks[1]["sha"] and ranks[0]["train_blocks"] == ranks[1]["train_blocks"]
-    assert ranks[0]["first"] != ranks[1]["first"], "the DistributedSampler gives each rank its own blocks"
+    assert ranks[0]["first"] != ranks[1]["first"], "each rank trains on its own share of the blocks"
     entries = os.listdir(tmp_path / "cache" / "text")
     assert len([e for e in entries if not e.endswith(".lock")]) == 1
     files = os.listdir(tmp_path / "cache" / "text" / next(e for e in entries if not e.endswith(".lock")))
     assert sorted(files) == ["tokenizer.json", "train-blocks16.arrow", "train-tokens.arrow",
                              "validation-blocks16.arrow", "validation-tokens.arrow"], "no stray temporary files"
+
+
+def batches(loader, n=None):
+    """The input_ids of the next ``n`` batches of ``loader`` (all of one epoch when ``None``)."""
+    it = iter(loader)
+    return [b["input_ids"] for b in (it if n is None else (next(it) for _ in range(n)))]
+
+
+def test_a_resumed_training_loader_continues_the_batch_sequence(corpus, tmp_path):
+    dm = make(corpus, tmp_path / "cache")
+    dm.setup("fit")
+    full = dm.train_dataloader()
+    epoch_len = len(full)
+    expected = batches(full) + batches(full)  # two epochs, uninterrupted
+    assert len(expected) == 2 * epoch_len and epoch_len > 4
+    blocks = dm._blocks["train"][:]["ids"]
+    first = torch.cat(expected[:epoch_len])
+    assert sorted(first.tolist()) == sorted(blocks[:, :-1].tolist()), "an epoch is every block once"
+    assert not torch.equal(first, torch.cat(expected[epoch_len:])), "each epoch has its own order"
+    torch.manual_seed(99)  # the order comes from (seed, epoch) alone, not the global RNG
+    assert torch.equal(batches(make(corpus, tmp_path / "cache").train_dataloader(), 1)[0], expected[0])
+    assert not torch.equal(batches(make(corpus, tmp_path / "cache", seed=7).train_dataloader(), 1)[0], expected[0])
+
+    killed = dm.train_dataloader()  # one epoch, then 3 batches of the next, then a checkpoint
+    seen = batches(killed) + batches(killed, 3)
+    state = killed.state_dict()
+    assert {k: state[k] for k in ("epoch", "batches")} == {"epoch": 1, "batches": 3}
+    for workers in (0, 2):
+        resumed = make(corpus, tmp_path / "cache", num_workers=workers).train_dataloader()
+        resumed.load_state_dict(state)
+        rest = batches(resumed) + batches(resumed)  # the rest of epoch 1, then epoch 2 in full
+        assert len(seen) + len(rest) == 3 * epoch_len
+        assert all(torch.equal(a, b) for a, b in zip(seen + rest, expected)), f"num_workers={workers}"
+    ended = dm.train_dataloader()
+    batches(ended)
+    assert {k: ended.state_dict()[k] for k in ("epoch", "batches")} == {"epoch": 1, "batches": 0}, "an epoch's end"
+    with pytest.raises(ValueError, match="seed 1234, this run 7"):
+        make(corpus, tmp_path / "cache", seed=7).train_dataloader().load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size=4; this run has batch_size=8"):
+        make(corpus, tmp_path / "cache", batch_size=8).train_dataloader().load_state_dict(state)
+
+
+def test_ddp_ranks_take_their_own_shards_and_resume_their_own_position(corpus, tmp_path):
+    """World size 4 simulated in one process: each rank's share, and a resume from rank 0's
+    state (the only one Lightning writes to the checkpoint) puts every rank at its own place."""
+    from lit_icl.data.batches import ResumableBatches
+
+    dm = make(corpus, tmp_path / "cache")
+    dm.setup("fit")
+    world, data, collate = 4, dm._blocks["train"], dm.train_dataloader().fetch.collate
+
+    def loader(rank):
+        return ResumableBatches(data, 4, seed=dm.seed, collate=collate, rank=rank, world_size=world)
+
+    ranks = [loader(r) for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1, "every rank runs the same number of steps"
+    shares = [r.indices(0) for r in ranks]
+    union = torch.cat(shares)
+    assert len(union) == world * len(shares[0]) < data.num_rows + world
+    assert set(union.tolist()) == set(range(data.num_rows)), "together the ranks cover every block"
+    assert len(set(union.tolist())) == data.num_rows and len(union) - data.num_rows == (-data.num_rows) % world
+    for rank, r in enumerate(ranks):
+        got = torch.cat(batches(r))
+        assert torch.equal(got, data[shares[rank].tolist()]["ids"][:, :-1]), f"rank {rank} trains on its share"
+
+    uninterrupted = [batches(loader(r), 7) for r in range(world)]
+    killed = [loader(r) for r in range(world)]
+    seen = [batches(k, 5) for k in killed]
+    state = killed[0].state_dict()
+    assert all(k.state_dict() == state for k in killed), "the saved position is the same on every rank"
+    for rank in range(world):
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        rest = batches(resumed, 2)
+        assert all(torch.equal(a, b) for a, b in zip(seen[rank] + rest, uninterrupted[rank])), f"rank {rank}"
+    with pytest.raises(ValueError, match="world_size=4; this run has world_size=1"):
+        dm.train_dataloader().load_state_dict(state)
+    with pytest.raises(ValueError, match="rank=4, world_size=4"):
+        ResumableBatches(data, 4, rank=4, world_size=4)

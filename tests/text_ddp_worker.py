@@ -33,4 +33,4 @@ if __name__ == "__main__":
     trainer.fit(module, datamodule=dm)
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
         json.dump({"built": dm.built, "sha": tokenizer_sha(dm.tokenizer), "first": first.ids,
-                   "train_blocks": len(dm.train_dataloader().dataset)}, f)
+                   "train_blocks": dm.train_dataloader().size}, f)

@@ -17,9 +17,12 @@ local files' sizes and modification times, the split and tokenizer settings):
 Processes: ``prepare_data`` (local rank 0 of each node) builds everything, ``setup`` (every rank)
 loads it; both hold a file lock on the cache entry while they build or load, so no two processes
 write the same file, even across nodes sharing a file system. Every process then has the same
-blocks, which Lightning's DistributedSampler shards. The tokenizer is also written next to the
-run (``<log_dir>/tokenizer.json``) and into every checkpoint (``state_dict``), and a checkpoint
-can be given back as ``tokenizer_path``.
+blocks. Training batches come from :class:`~lit_icl.data.batches.ResumableBatches`: shuffled per
+epoch from ``(seed, epoch)``, each DDP rank its own strided share, and the position saved in every
+checkpoint, so a run killed mid-epoch resumes at the next batch (validation batches come from a
+plain DataLoader, which Lightning's DistributedSampler shards). The tokenizer is also written next
+to the run (``<log_dir>/tokenizer.json``) and into every checkpoint (``state_dict``), and a
+checkpoint can be given back as ``tokenizer_path``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from lit_icl.data.batches import ResumableBatches
 from lit_icl.data.episodes import Episodes
 from lit_icl.data.sources import load_source, local_files
 from lit_icl.data.synthetic import check_at_least
@@ -72,7 +76,12 @@ def _pack(batch: dict, block_size: int) -> dict:
 
 
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    ids = torch.stack([r["ids"] for r in rows]).long()
+    return _windows({"ids": torch.stack([r["ids"] for r in rows])})
+
+
+def _windows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Blocks ``{"ids": [B, block_size + 1]}`` as next-token pairs ``input_ids``, ``labels``."""
+    ids = batch["ids"].long()
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
@@ -96,8 +105,8 @@ class TextDataModule(pl.LightningDataModule):
             or ``~/.cache/lit_icl``.
         num_proc: processes of ``load_dataset`` and ``Dataset.map`` (``None``: one).
         batch_size: sequences per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
-        seed: seed of the validation split.
+        num_workers: worker processes that fetch batches.
+        seed: seed of the validation split and of the per-epoch training order.
         templates: template-based classification tasks for ``heldout_episodes``.
         num_heldout: default number of held-out episodes per task.
     """
@@ -293,21 +302,25 @@ class TextDataModule(pl.LightningDataModule):
             if trainer.is_global_zero and log_dir:
                 save_tokenizer(self._tokenizer, os.path.join(log_dir, "tokenizer.json"))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if not self._blocks:
             self._build()
-        return DataLoader(self._blocks[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=_collate)
+        return DataLoader(self._blocks[split], batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=_collate)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableBatches:
+        """Shuffled per epoch from (seed, epoch) alone, resumable mid-epoch from a checkpoint,
+        sharded across DDP ranks (see :mod:`lit_icl.data.batches`)."""
+        if not self._blocks:
+            self._build()
+        return ResumableBatches(self._blocks["train"], self.batch_size, seed=self.seed, collate=_windows,
+                                num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def state_dict(self) -> dict[str, Any]:
         """``{"tokenizer": <its JSON>}``: saved in every checkpoint by Lightning."""
