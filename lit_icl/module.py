@@ -239,7 +239,11 @@ class LitTransformerLM(pl.LightningModule):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        total = self.trainer.estimated_stepping_batches
+        # With max_steps known, never ask for estimated_stepping_batches: it builds the training
+        # loader before the checkpoint's loop state is restored, and Lightning then drops the
+        # loader's saved position (Lightning issue #20550), so a resumed run would not be exact.
+        max_steps = self.trainer.max_steps
+        total = max_steps if max_steps is not None and max_steps > 0 else self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             rank_zero_warn("training length unknown (no max_steps / max_epochs): no cosine decay after warmup")
             total = None

@@ -325,7 +325,7 @@ def test_cli_fit_and_validate_a_pretrained_checkpoint(llama_dirs, run_cli, tmp_p
             "--trainer.enable_model_summary", "false"]
     proc = run_cli(["fit", *args], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "version_0" / "last.ckpt"
     assert LitTransformerLM.load_from_checkpoint(last).config.n_kv_head == 2
     proc = run_cli(["validate", *args, "--ckpt_path", last], cwd=tmp_path)
     assert proc.returncode == 0 and "val/acc" in proc.stdout, proc.stderr[-3000:]
