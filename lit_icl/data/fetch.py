@@ -69,8 +69,9 @@ def pip_download(requirement: str, binary: bool, dest: Path) -> Path:
     """Download the wheel (``binary``) or the source distribution of ``requirement`` (pinned,
     ``name==version``) into ``dest`` with ``python -m pip download --no-deps``; the file's path.
 
-    Raises :class:`RegistryUnreachableError` when pip reached no registry, ``ValueError`` when it
-    failed otherwise (e.g. the registries it reaches do not have the package)."""
+    Raises :class:`RegistryUnreachableError` when pip reached no registry or found no version
+    of the package at all (all that pip says of a refused connection without retries), and
+    ``ValueError`` when it failed otherwise (e.g. other versions only)."""
     kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
                kind, "--dest", str(dest), requirement]
@@ -79,8 +80,11 @@ def pip_download(requirement: str, binary: bool, dest: Path) -> Path:
         output = proc.stdout + proc.stderr
         errors = [line for line in output.splitlines() if line.startswith("ERROR")] or output.strip().splitlines()[-1:]
         last = errors[-1] if errors else f"exit status {proc.returncode}"
-        if UNREACHABLE.search(output) and "from versions: none" in output:
+        if UNREACHABLE.search(output):
             raise RegistryUnreachableError(f"no package registry reachable: pip download {requirement} failed ({last})")
+        if "from versions: none" in output:  # pip retries=0 says no more than this about a refused connection
+            raise RegistryUnreachableError(f"no package registry reachable offers {requirement}: pip download failed "
+                                           f"({last}); check the network and pip's index settings")
         raise ValueError(f"pip download {requirement} failed: {last}")
     files = [p for p in dest.iterdir() if p.is_file()]
     if len(files) != 1:
