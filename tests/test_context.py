@@ -89,8 +89,8 @@ def test_incremental_and_bake(kw):
     step = convert(model, b, state=convert(model, a))
     assert step.offset.tolist() == whole.offset.tolist() == [17, 17]
     for lw, ls in zip(whole.layers, step.layers):
-        for name in lw:
-            torch.testing.assert_close(ls[name], lw[name], rtol=1e-10, atol=1e-10)
+        for name, t in lw.tensors().items():
+            torch.testing.assert_close(ls.tensors()[name], t, rtol=1e-10, atol=1e-10)
     prompted = model(torch.cat([a, b, query], 1))[:, 17:]
     torch.testing.assert_close(model(query, state=step), prompted, rtol=1e-10, atol=1e-10)
     baked = bake(model, whole)
@@ -108,8 +108,8 @@ def test_biases_are_the_sums_of_the_paper():
     H, D = 2, 8
     k = attn.phi(attn.k_proj(x).view(1, 6, H, D).transpose(1, 2))
     v = attn.v_proj(x).view(1, 6, H, D).transpose(1, 2)
-    torch.testing.assert_close(state.layers[0]["S"], torch.einsum("bhtf,bhtd->bhfd", k, v))
-    torch.testing.assert_close(state.layers[0]["z"], k.sum(2))
+    torch.testing.assert_close(state.layers[0].mixer.S, torch.einsum("bhtf,bhtd->bhfd", k, v))
+    torch.testing.assert_close(state.layers[0].mixer.z, k.sum(2))
 
 
 def test_batch_one_state_serves_many_queries():

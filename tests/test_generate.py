@@ -39,8 +39,8 @@ def test_approximate_context_decodes_the_input_exactly():
     prompt = torch.randint(1, V, (2, 5))
     state = convert(m, torch.randint(1, V, (2, 6)), mode="taylor")
     for layer in state.layers:
-        layer["S"].zero_()
-        layer["z"].zero_()
+        layer.mixer.S.zero_()
+        layer.mixer.z.zero_()
     state.offset.zero_()
     state.last_token.fill_(-1)
     assert torch.equal(generate(m, prompt, 6, state=state), naive_greedy(m, prompt, 6))
