@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lit_icl import ContextState, TransformerConfig, TransformerLM, bake, convert
+from tests.conftest import tiny_model
 
 V = 40
 EXACT = [
@@ -24,9 +25,7 @@ def ids(cfg_id):
 
 
 def make(dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=64, chunk_size=4, **kw)
-    return TransformerLM(cfg).to(dtype).eval()
+    return tiny_model(dtype, seed, vocab_size=V, **kw)
 
 
 def tokens(*shape, seed=1):
