@@ -1,4 +1,4 @@
-"""Approximate conversion for softmax attention (ICLAA, BRIEF §2): feature maps of the exp
+"""Approximate conversion for softmax attention (ICLAA, Chen et al. 2024): feature maps of the exp
 kernel, the biased softmax, and the error ordering kv = 0 < approximate < no context."""
 import math
 

@@ -98,7 +98,7 @@ def test_incremental_and_bake(kw):
 
 
 def test_biases_are_the_sums_of_the_paper():
-    """Layer 0's b_KV and b_D are sum_j phi(k_j) v_j^T and sum_j phi(k_j) (BRIEF §2)."""
+    """Layer 0's b_KV and b_D are sum_j phi(k_j) v_j^T and sum_j phi(k_j) (Chen et al. 2024, Algorithm 1)."""
     model = make(attention="linear", position="none")
     demo = tokens(1, 6)
     state = convert(model, demo)

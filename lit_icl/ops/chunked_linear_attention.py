@@ -1,4 +1,4 @@
-"""Chunked causal linear attention (BRIEF §1) with a hand-written backward.
+"""Chunked causal linear attention (Katharopoulos et al. 2020) with a hand-written backward.
 
 The normaliser rides along as an extra value column of ones: with v'_t = [v_t | 1] and the
 state U = [S | z] (so that U_T = U_0 + sum_t k_t v'_t^T), per chunk c of C tokens

@@ -1,4 +1,5 @@
-"""Causal linear attention with state in and out (BRIEF §1), in three equivalent forms.
+"""Causal linear attention with state in and out (Katharopoulos, Vyas, Pappas, Fleuret 2020,
+"Transformers are RNNs", ICML: the causal form as a recurrence), in three equivalent forms.
 
 All functions take feature-mapped queries and keys, q = phi(Q) and k = phi(K), of shape
 [B, H, T, F], values v of shape [B, H, T, D], and an optional initial state (S0, z0) with
@@ -48,7 +49,7 @@ def _initial_state(q: Tensor, v: Tensor, state: State | None) -> State:
 def linear_attention_recurrent(
     q: Tensor, k: Tensor, v: Tensor, state: State | None = None, eps: float = 1e-6
 ) -> tuple[Tensor, State]:
-    """BRIEF §1, token by token: S_t = S_{t-1} + k_t v_t^T, z_t = z_{t-1} + k_t."""
+    """The recurrence of Katharopoulos et al. 2020, token by token: S_t = S_{t-1} + k_t v_t^T, z_t = z_{t-1} + k_t."""
     S, z = _initial_state(q, v, state)
     outs = []
     for t in range(q.shape[2]):

@@ -1,9 +1,10 @@
-"""Momentum attention's EMA term (BRIEF §3, Dai et al. 2023) with state in and out.
+"""Momentum attention's EMA term (Dai, Sun, Dong, Hao, Ma, Sui, Wei 2023, "Why Can GPT Learn
+In-Context?", ACL Findings, arXiv 2212.10559: momentum-based attention) with state in and out.
 
     MoAttn(V, K, q_t) = Attn(V, K, q_t) + sum_{i<t} eta^{t-i} v_i
 
 The carried state is the accumulator c_t = sum_{i<=t} eta^{t-i} v_i = eta c_{t-1} + v_t, so
-the term at token t is m_t = eta c_{t-1} (BRIEF's m_t = eta (m_{t-1} + v_{t-1})). Positions
+the term at token t is m_t = eta c_{t-1} (equivalently m_t = eta (m_{t-1} + v_{t-1})). Positions
 count real tokens only: a masked (padding) token neither adds its value nor decays the
 accumulator, so padded rows give the same numbers as unpadded ones.
 

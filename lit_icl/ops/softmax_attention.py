@@ -1,6 +1,6 @@
 """Causal softmax attention through scaled_dot_product_attention, with an optional key/value
-prefix: the exact KV-prefix form of a softmax model's context (BRIEF §2, the upper bound for
-approximate conversion).
+prefix: the exact KV-prefix form of a softmax model's context (the upper bound for approximate
+conversion; Chen et al. 2024, ICML, arXiv 2406.02847).
 
 Shapes: q [B, H, T, D]; k, v [B, H_kv, T, D]; prefix_k, prefix_v [B, H_kv, P, D]; prefix_mask
 [B, P] and mask [B, T] with 1 = token. H_kv divides H: with H_kv < H (grouped-query attention,
