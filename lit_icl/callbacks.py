@@ -419,6 +419,10 @@ class ICLConversionCallback(Callback):
                     logger.log_hyperparams(pl_module.hparams, metrics, step=trainer.global_step)
                     self.declared_hparams = True
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit" and not trainer.sanity_checking:  # lit-icl validate: the table now
+            self.on_fit_end(trainer, pl_module)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for task, results in self.task_results.items():
             rank_zero_info((f"\n[{task}]" if task else "") + format_summary(results))

@@ -3,6 +3,7 @@
     lit-icl convert --ckpt CKPT --demos demos.jsonl --out ctx.safetensors [--mode prf]
     lit-icl convert --ckpt CKPT --demos demos.jsonl --bake baked.ckpt
     lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
+    lit-icl data list | lit-icl data fetch NAME ...   (named sources: lit_icl.data.named)
 
 demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or `{"text": "..."}`
 when the checkpoint carries a tokenizer. Every failure (a missing or truncated file, a state
@@ -19,6 +20,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from lit_icl.context import ContextState, bake, convert
+from lit_icl.data.named import data_main
 from lit_icl.data.text import TextDataModule
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.generate import generate
@@ -32,6 +34,21 @@ def load_module(path: str) -> tuple[LitTransformerLM, dict]:
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval(), checkpoint
+
+
+def checkpoint_tokenizer(checkpoint: dict):
+    """The tokenizer a checkpoint's run used: a TextDataModule's (saved in the checkpoint), else
+    the pretrained model's own (``tokenizer.json`` beside its weights), else None."""
+    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
+    pretrained = checkpoint.get("hyper_parameters", {}).get("pretrained")
+    if tokenizer is None and pretrained:
+        from tokenizers import Tokenizer
+
+        from lit_icl.data.template_data import tokenizer_file
+        from lit_icl.module import model_directory
+
+        tokenizer = Tokenizer.from_file(tokenizer_file(model_directory(pretrained)))
+    return tokenizer
 
 
 def read_demos(path: str, tokenizer) -> list[list[int]]:
@@ -85,7 +102,7 @@ def convert_main(args: list[str]) -> None:
     if (cfg.out is None) == (cfg.bake is None):
         raise ValueError("give exactly one of --out (a context file) and --bake (a checkpoint)")
     module, checkpoint = load_module(cfg.ckpt)
-    ids, mask = left_pad(read_demos(cfg.demos, TextDataModule.tokenizer_from_checkpoint(checkpoint)))
+    ids, mask = left_pad(read_demos(cfg.demos, checkpoint_tokenizer(checkpoint)))
     state = convert(module.model, ids, attention_mask=mask, mode=cfg.mode,
                     num_features=cfg.num_features, seed=cfg.seed)
     if cfg.out is not None:
@@ -113,7 +130,7 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     cfg = parser.parse_args(args)
     module, checkpoint = load_module(cfg.ckpt)
-    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     if (cfg.prompt is None) == (cfg.input_ids is None):
         raise ValueError("give exactly one of --prompt and --input_ids")
     if cfg.prompt is not None and tokenizer is None:
@@ -127,7 +144,7 @@ def generate_main(args: list[str]) -> None:
         print(tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)))
 
 
-COMMANDS = {"convert": convert_main, "generate": generate_main}
+COMMANDS = {"convert": convert_main, "generate": generate_main, "data": data_main}
 
 
 def run(command: str, args: list[str]) -> None:
