@@ -1,12 +1,16 @@
-"""ICLConversionCallback: measure in-context learning while a model trains (BRIEF §4).
+"""ICLConversionCallback: measure in-context learning while a model trains, by the comparison of
+in-context learning with explicit finetuning of Dai et al. 2023 ("Why Can GPT Learn In-Context?
+Language Models Secretly Perform Gradient Descent as Meta-Optimizers", ACL Findings, arXiv
+2212.10559).
 
 At validation end it takes the DataModule's held-out episodes for each shot count and compares
 four predictions on the same queries:
 
 - zero_shot: the query alone;
 - prompted: the demonstrations, then the query (ICL);
-- converted: the query alone on the model carrying the demonstrations' biases
-  (`lit_icl.context.convert`; for softmax models the exact KV prefix, logged as `converted_kv`);
+- converted: the query alone on the model carrying the demonstrations' state
+  (`lit_icl.context.convert` in the model's exact mode; a mode other than "exact" is named in
+  the prediction: `converted_kv` for a softmax KV prefix, `converted_<mode>` for ICLAA's);
 - finetuned: the query alone on a copy finetuned on the demonstrations (`lit_icl.finetune`,
   all episodes of a shot count at once).
 
@@ -15,8 +19,8 @@ SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL); `hp/<pred
 (largest shot count) for TensorBoard's hparams view; a figure of accuracy against the number of
 demonstrations; and `icl/eval_seconds`. A table is printed when fitting ends.
 
-The DataModule provides `heldout_episodes(n_shots, num_episodes=None) -> Episodes`, the same
-episodes on every call, so successive evaluations are comparable. Under DDP each rank takes a
+The DataModule follows the `HeldoutEpisodes` protocol (and `HeldoutTasks` to report several tasks
+each on its own): the same episodes on every call, so successive evaluations are comparable. Under DDP each rank takes a
 strided share of the episodes and the torchmetrics states are reduced across ranks. The
 training model is handed back as it was: parameters, mode and the global RNG are not touched.
 """
@@ -26,7 +30,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +43,7 @@ from lit_icl.context import convert
 from lit_icl.data.episodes import Episodes
 from lit_icl.finetune import finetune_batched, finetuned_logits
 from lit_icl.metrics import CandidateAccuracy, ConversionError, Rec2FTP, SimAM, SimAOU, predict
+from lit_icl.mixers import APPROXIMATE_MODES
 from lit_icl.model import TransformerLM, evaluating
 
 log = logging.getLogger("lightning.pytorch")
@@ -47,32 +52,59 @@ log = logging.getLogger("lightning.pytorch")
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
-def converted_label(model: TransformerLM) -> str:
-    """"converted" for linear attention (exact biases), "converted_kv" for a softmax KV prefix."""
-    return "converted" if model.config.attention == "linear" else "converted_kv"
+
+@runtime_checkable
+class HeldoutEpisodes(Protocol):
+    """What the callback needs of a DataModule: held-out ICL episodes per shot count, the same
+    on every call (`lit_icl.data.Episodes`: demonstrations, query, answer, candidates)."""
+
+    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None) -> Episodes: ...
 
 
-def prediction_names(model: TransformerLM, approximate: Sequence[str] = ()) -> list[str]:
-    """zero_shot, prompted, the exact conversion, finetuned; for softmax models also one
-    `converted_<mode>` per approximate (ICLAA) mode."""
-    names = ["zero_shot", "prompted", converted_label(model), "finetuned"]
-    if model.config.attention == "softmax":
-        names += [f"converted_{mode}" for mode in approximate]
-    return names
+@runtime_checkable
+class HeldoutTasks(HeldoutEpisodes, Protocol):
+    """A DataModule of several tasks: their names, and `heldout_episodes(..., task=name)`."""
+
+    def heldout_tasks(self) -> list[str]: ...
+
+    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes: ...
+
+
+class Conversion(NamedTuple):
+    """One converted prediction: its name, the suffix of its error metrics ("" for the exact
+    conversion, "_<mode>" for an approximate one) and its `convert` keyword arguments."""
+
+    name: str
+    suffix: str
+    kwargs: dict
+
+
+def conversions(model: TransformerLM, approximate: dict[str, dict] | None = None) -> list[Conversion]:
+    """The exact conversion (the model's first mode: "converted", or "converted_<mode>" when
+    that mode is not called "exact", e.g. converted_kv), then each approximate mode in
+    `approximate` (mode -> convert kwargs) that the model supports."""
+    exact = model.modes[0]
+    out = [Conversion("converted" if exact == "exact" else f"converted_{exact}", "", {})]
+    return out + [Conversion(f"converted_{m}", f"_{m}", kw) for m, kw in (approximate or {}).items() if m in model.modes]
+
+
+def prediction_names(converted: Sequence[Conversion]) -> list[str]:
+    """zero_shot, prompted, the exact conversion, finetuned, then the approximate conversions."""
+    exact, *approximate = (c.name for c in converted)
+    return ["zero_shot", "prompted", exact, "finetuned", *approximate]
 
 
 class EpisodeRuns:
-    """The runs of BRIEF §4 on one group of episodes: for each prediction the logits at the
+    """The runs of Dai et al. 2023's comparison on one group of episodes: for each prediction the logits at the
     query's last position [N, V], and for zero_shot / prompted / finetuned the per-layer
     attention outputs there [N, C] and the scores over the query's own tokens [N, H, Q].
-    `approximate` maps ICLAA modes to convert() keyword arguments (softmax models only).
+    `approximate` maps ICLAA modes to convert() keyword arguments (modes the model lacks are skipped).
     `seconds` holds the wall time of each phase (zero_shot, prompted, convert, finetune,
     finetuned), which the callback logs so that the evaluation's cost can be read per part."""
 
     def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict,
                  approximate: dict[str, dict] | None = None):
-        approximate = approximate or {}
-        names = prediction_names(model, list(approximate))
+        converted = conversions(model, approximate)
         self.seconds: dict[str, float] = {}
         query, qmask, Q = episodes.query_ids, episodes.query_mask, episodes.query_ids.shape[1]
         with self.timed("zero_shot"):
@@ -81,7 +113,7 @@ class EpisodeRuns:
         self.outputs = {"zero_shot": [a[:, -1] for a in zs.attn_outputs]}
         self.scores = {"zero_shot": zs.attn_scores}
         if episodes.demo_ids.shape[1] == 0:  # no demonstrations: every prediction is the query alone
-            for name in names[1:]:
+            for name in prediction_names(converted)[1:]:
                 self.logits[name] = self.logits["zero_shot"]
                 self.outputs[name], self.scores[name] = self.outputs["zero_shot"], self.scores["zero_shot"]
             return
@@ -91,7 +123,7 @@ class EpisodeRuns:
         self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
         self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
         with self.timed("convert"):
-            for name, kwargs in [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
+            for name, _, kwargs in converted:
                 state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)
                 self.logits[name] = model.run(query, state=state, attention_mask=qmask, logits_at="last").logits[:, -1]
         with self.timed("finetune"):
@@ -114,11 +146,12 @@ class EpisodeRuns:
 class ICLMetrics(torch.nn.Module):
     """Every metric of one shot count; `update` with an EpisodeRuns, `compute` to a dict."""
 
-    def __init__(self, n_layer: int, names: Sequence[str]):
+    def __init__(self, n_layer: int, converted: Sequence[Conversion]):
         super().__init__()
-        self.names = list(names)
-        self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in names})
-        self.errors = torch.nn.ModuleDict({n: ConversionError() for n in names if n.startswith("converted")})
+        self.names = prediction_names(converted)
+        self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in self.names})
+        self.errors = torch.nn.ModuleDict({c.name: ConversionError() for c in converted})
+        self.suffixes = {c.name: c.suffix for c in converted}
         self.rec2ftp = Rec2FTP()
         self.simaou, self.simaou_random = SimAOU(n_layer), SimAOU(n_layer)
         self.simam_icl_ft, self.simam_icl_zsl = SimAM(n_layer), SimAM(n_layer)
@@ -142,8 +175,8 @@ class ICLMetrics(torch.nn.Module):
         """Accuracies `<prediction>_acc`; the exact conversion's `max_abs_logit_diff` and
         `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended."""
         row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
-        for i, (name, error) in enumerate(self.errors.items()):
-            err, suffix = error.compute(), "" if i == 0 else "_" + name.removeprefix("converted_")
+        for name, error in self.errors.items():
+            err, suffix = error.compute(), self.suffixes[name]
             row[f"max_abs_logit_diff{suffix}"], row[f"rel_logit_err{suffix}"] = float(err["max_abs"]), float(err["relative"])
         for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
             row[name] = float(getattr(self, name).compute())
@@ -215,9 +248,10 @@ class ICLConversionCallback(Callback):
         self.every_n_validations = every_n_validations
         self.batch_size = batch_size
         self.finetune_kwargs = dict(params=finetune_params, lr=finetune_lr, epochs=finetune_epochs)
-        unknown = set(approximate_modes) - {"prf", "taylor"}
+        unknown = set(approximate_modes) - set(APPROXIMATE_MODES)
         if unknown:
-            raise ValueError(f"approximate_modes={list(approximate_modes)}: unknown {sorted(unknown)}; allowed: prf, taylor")
+            raise ValueError(f"approximate_modes={list(approximate_modes)}: unknown {sorted(unknown)}; "
+                             f"allowed: {', '.join(APPROXIMATE_MODES)}")
         self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.seed = seed
         self.too_long = too_long
@@ -249,12 +283,12 @@ class ICLConversionCallback(Callback):
     def prepare(self, datamodule, block_size: int) -> None:
         """Build and check the held-out episodes of every task and shot count (see the class
         docstring); ValueError with one line naming what cannot work."""
-        if not callable(getattr(datamodule, "heldout_episodes", None)):
+        if not isinstance(datamodule, HeldoutEpisodes):
             raise ValueError(
-                f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots), got "
-                f"{type(datamodule).__name__}"
+                f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots) (the HeldoutEpisodes "
+                f"protocol of lit_icl.callbacks), got {type(datamodule).__name__}"
             )
-        tasks = list(datamodule.heldout_tasks()) if callable(getattr(datamodule, "heldout_tasks", None)) else []
+        tasks = list(datamodule.heldout_tasks()) if isinstance(datamodule, HeldoutTasks) else []
         self.episodes, self.dropped = {}, {}
         for task in tasks if len(tasks) > 1 else [""]:
             where = f"task {task!r}, " if task else (f"task {tasks[0]!r}, " if tasks else "")
@@ -342,11 +376,10 @@ class ICLConversionCallback(Callback):
         everything = self.episodes[(task, k)]
         randoms = self._random_updates(len(everything), model.config, trainer)
         episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
-        approximate = self.approximate if model.config.attention == "softmax" else {}
-        metrics = ICLMetrics(model.config.n_layer, prediction_names(model, list(approximate))).to(device)
+        metrics = ICLMetrics(model.config.n_layer, conversions(model, self.approximate)).to(device)
         with evaluating(model):
             for sl, group in batches(episodes, self.batch_size):
-                runs = EpisodeRuns(model, group, self.finetune_kwargs, approximate)
+                runs = EpisodeRuns(model, group, self.finetune_kwargs, self.approximate)
                 start = time.perf_counter()
                 metrics.update(runs, group, [r[sl].to(device) for r in randoms])
                 runs.seconds["metrics"] = time.perf_counter() - start

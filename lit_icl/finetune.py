@@ -1,4 +1,5 @@
-"""The explicit-finetuning baseline of the ICL-vs-FT comparison (BRIEF §4, Dai et al. 2023).
+"""The explicit-finetuning baseline of the ICL-vs-FT comparison (Dai, Sun, Dong, Hao, Ma, Sui, Wei
+2023, "Why Can GPT Learn In-Context?", ACL Findings, arXiv 2212.10559).
 
 Their baseline: a copy of the model, SGD, one epoch, batch size 1 (one demonstration per
 step, in order), language-modelling loss on every token of each demonstration, only the

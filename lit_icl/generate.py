@@ -3,8 +3,9 @@ a converted context.
 
 The state that conversion produces is also the decoding cache: for linear attention it is the
 recurrent state (S, z), so each new token costs the same whatever the length so far; for
-softmax attention it is the KV prefix, i.e. a KV cache. With an approximate (ICLAA) context,
-the input's own tokens are cached exactly next to the context's feature-map sums. Decoding
+softmax attention it is the KV prefix, i.e. a KV cache. `ContextState.decoding()` lets a mode
+treat the tokens after its context differently: after an approximate (ICLAA) context, they are
+cached exactly next to the context's feature-map sums. Decoding
 after `convert(model, demos)` therefore yields, greedily, exactly the tokens that prompting
 with demos + prompt yields.
 """
@@ -13,22 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_icl.context import APPROXIMATE, ContextState
+from lit_icl.context import ContextState
 from lit_icl.model import TransformerLM, evaluating
-
-
-def _decoding_state(state: ContextState | None):
-    """An approximate context gets an empty exact KV cache for the tokens decoded after it."""
-    if state is None or state.mode not in APPROXIMATE:
-        return state
-    layers = []
-    for layer in state.layers:
-        S = layer["S"]
-        B, H, _, D = S.shape
-        cache = {"k": S.new_zeros(B, H, 0, D), "v": S.new_zeros(B, H, 0, D),
-                 "kv_mask": torch.zeros(B, 0, dtype=torch.bool, device=S.device)}
-        layers.append({**layer, **cache})
-    return ContextState(layers, state.offset, state.last_token, state.mode)
 
 
 def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
@@ -73,7 +60,7 @@ def generate(
     generator = None if seed is None else torch.Generator(prompt_ids.device).manual_seed(seed)
     tokens = []
     with evaluating(model):
-        out = model.run(prompt_ids, state=_decoding_state(state), need_state=True)
+        out = model.run(prompt_ids, state=None if state is None else state.decoding(), need_state=True)
         for i in range(max_new_tokens):
             tokens.append(pick(out.logits[:, -1], temperature, top_k, generator))
             if i + 1 < max_new_tokens:

@@ -1,4 +1,5 @@
-"""torchmetrics Metrics of the ICL comparison (BRIEF §4). Each declares its state with
+"""torchmetrics Metrics of the ICL comparison (Dai et al. 2023, "Why Can GPT Learn In-Context?",
+ACL Findings, arXiv 2212.10559). Each declares its state with
 `add_state(..., dist_reduce_fx=...)`, so values computed on shards of episodes in several
 processes sync to the value one process would get on all of them."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ from torchmetrics import Metric
 
 
 def predict(last_logits: Tensor, candidates: Tensor) -> Tensor:
-    """BRIEF §4: a prediction is the argmax over the candidate label tokens at the query's last
+    """Dai et al. 2023: a prediction is the argmax over the candidate label tokens at the query's last
     position. last_logits [N, V], candidates [K] -> predicted token ids [N]."""
     return candidates[last_logits[:, candidates].argmax(dim=-1)]
 
@@ -58,7 +59,7 @@ class ConversionError(Metric):
 
 
 class Rec2FTP(Metric):
-    """BRIEF §4: Rec2FTP = #(ZSL wrong, FT right, ICL right) / #(ZSL wrong, FT right): how much of
+    """Dai et al. 2023: Rec2FTP = #(ZSL wrong, FT right, ICL right) / #(ZSL wrong, FT right): how much of
     what finetuning fixes in-context learning fixes too. NaN when finetuning fixed nothing."""
 
     full_state_update = False
@@ -102,7 +103,7 @@ class _LayerCosine(Metric):
 
 
 class SimAOU(_LayerCosine):
-    """BRIEF §4: similarity of attention output updates. Per layer, the cosine between the ICL
+    """Dai et al. 2023: similarity of attention output updates. Per layer, the cosine between the ICL
     update and the FT update of the attention output at the query's last position (after the
     output projection, before the residual), each L2-normalised first:
     cos(h_ICL - h_ZSL, h_FT - h_ZSL); averaged over examples, then layers. Feed a random update
@@ -118,7 +119,7 @@ class SimAOU(_LayerCosine):
 
 
 class SimAM(_LayerCosine):
-    """BRIEF §4: similarity of attention maps. Per layer, the cosine between two models'
+    """Dai et al. 2023: similarity of attention maps. Per layer, the cosine between two models'
     attention-score vectors (pre-softmax q.k/sqrt(d); phi(q).phi(k) for linear attention) of the
     query's last token over the query's own tokens (demonstrations excluded), averaged over
     heads, examples, then layers. With a one-token query the vectors have one entry and the

@@ -1,19 +1,17 @@
-"""A decoder-only transformer LM with linear, momentum or softmax attention, and state.
+"""A decoder-only transformer LM whose attention layers carry state (nanoGPT-style, one file).
 
 TransformerConfig holds the hyperparameters; TransformerLM is a plain nn.Module (no Lightning).
-Every attention layer can start from a carried state (the demonstrations' bias terms, BRIEF §2)
-and hand back its state at the end, which is all that exact conversion needs:
+Each block's attention is a token mixer that the config names (`lit_icl.mixers`: linear,
+softmax, ...). Every mixer can start from a carried state and hand back its state at the end,
+which is all that exact conversion of in-context learning needs (Chen et al. 2024, ICML, arXiv
+2406.02847, Algorithm 1: one forward pass over the demonstrations yields every layer's state):
 
     out = model.run(demo_ids, need_state=True)           # one pass over the demonstrations
     model(query_ids, state=out)                          # == model(cat(demo, query))[:, M:]
 
-A state is any object with `layers` (one dict of tensors per layer), `offset` ([B] long, the
-number of tokens already seen per row) and `last_token` ([B] long, the last token seen, -1 for
+A state is any object with `layers` (one `lit_icl.mixers.LayerState` per block), `offset` ([B]
+long, the tokens already seen per row) and `last_token` ([B] long, the last token seen, -1 for
 none; token shift reads it); `lit_icl.context.ContextState` is the public one.
-Per-layer keys: "S", "z" (linear attention: b_KV [B, H, F, D], b_D [B, H, F]); "m" (momentum
-accumulator [B, H_kv, D]); "k", "v", "kv_mask" (softmax KV prefix [B, H_kv, P, D], [B, P]), where
-H_kv = n_kv_head key/value heads (grouped-query attention), each shared by n_head / n_kv_head
-query heads.
 
 The same model holds GPT-2 (LayerNorm, GELU MLP, learned positions) and the Llama family
 (RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases); `lit_icl.hf`
@@ -32,22 +30,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from lit_icl.layers import ACTIVATIONS, MLPS, NORMS, RESIDUAL_PROJECTIONS, make_mlp, make_norm
-from lit_icl.ops import (
-    FEATURE_MAPS,
-    feature_map,
-    linear_attention_chunked,
-    momentum_chunked,
-    positive_random_features,
-    repeat_kv,
-    rope,
-    softmax_attention,
-    softmax_attention_biased,
-    taylor,
-)
+from lit_icl.mixers import MIXERS, LayerState, MixerOutput, Pass
+from lit_icl.ops import FEATURE_MAPS
 
-ATTENTIONS = ("linear", "softmax")
 POSITIONS = ("learned", "rope", "none")
-EPS = 1e-6  # guards the linear-attention normaliser phi(q).z against 0 (relu features)
+LOGITS_AT = ("all", "last", "none")
 
 
 @dataclass
@@ -59,9 +46,9 @@ class TransformerConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 256
-    attention: str = "linear"  # "linear" | "softmax"
+    attention: str = "linear"  # a registered mixer (lit_icl.mixers.MIXERS): "linear" | "softmax"
     feature_map: str = "elu"  # linear attention's phi: "elu" | "relu" | "taylor"
-    momentum: float = 0.0  # eta of momentum attention (BRIEF §3); 0 = off
+    momentum: float = 0.0  # eta of momentum attention (Dai et al. 2023); 0 = off
     position: str = "learned"  # "learned" | "rope" | "none"
     dropout: float = 0.0
     bias: bool = True
@@ -89,8 +76,8 @@ class TransformerConfig:
             raise ValueError(
                 f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
             )
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention={self.attention!r}; allowed: {list(ATTENTIONS)}")
+        if self.attention not in MIXERS:
+            raise ValueError(f"attention={self.attention!r}; allowed: {list(MIXERS)}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r}; allowed: {sorted(FEATURE_MAPS)}")
         if self.position not in POSITIONS:
@@ -105,8 +92,10 @@ class TransformerConfig:
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        if self.kv_heads != self.n_head and self.attention != "softmax":
-            raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention='softmax'")
+        grouped = [name for name, mixer in MIXERS.items() if mixer.grouped_query]
+        if self.kv_heads != self.n_head and self.attention not in grouped:
+            allowed = " or ".join(repr(name) for name in grouped)
+            raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention={allowed}")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}; allowed: {list(NORMS)}")
         if self.mlp not in MLPS:
@@ -133,97 +122,45 @@ class TransformerConfig:
 
 @dataclass
 class LMOutput:
-    """What `TransformerLM.run` returns. `layers`/`offset` form the state after the input;
-    `attn_outputs[l]` is layer l's attention output (after o_proj, before the residual),
-    `attn_scores[l]` the last position's scores over this input's tokens [B, H, T]
-    (q.k/sqrt(d) for softmax, phi(q).phi(k) for linear) — filled only when asked for."""
+    """What `TransformerLM.run` returns. `layers`/`offset`/`last_token` form the state after the
+    input; `attn_outputs[l]` is layer l's attention output (after o_proj, before the residual),
+    `attn_scores[l]` the last position's scores over this input's tokens [B, H, T] (q.k/sqrt(d)
+    for softmax, phi(q).phi(k) for linear): filled only when asked for."""
 
     logits: Optional[Tensor]
     offset: Tensor
     last_token: Tensor
-    layers: Optional[list[dict[str, Tensor]]] = None
+    layers: Optional[list[LayerState]] = None
     attn_outputs: list[Tensor] = field(default_factory=list)
     attn_scores: list[Tensor] = field(default_factory=list)
 
-
-class Attention(nn.Module):
-    """Multi-head causal attention; linear or softmax, optional momentum, state in and out.
-    Softmax attention may have fewer key/value heads than query heads (grouped-query): k, v
-    and every state keep n_kv_head heads, repeated for the query heads only inside the op."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.cfg = cfg
-        kv = cfg.kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.phi = feature_map(cfg.feature_map)
-
-    def forward(self, x, positions, mask, state, need_state, need_attn):
-        cfg, (B, T, C) = self.cfg, x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k, v = (p(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
-        if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        state = state or {}
-        new: dict[str, Tensor] = {}
-        if cfg.attention == "linear":
-            q, k = self.phi(q), self.phi(k)
-            if mask is not None:  # padding keys contribute nothing to S and z
-                k = k * mask[:, None, :, None].to(k.dtype)
-            prior = (state["S"], state["z"]) if "S" in state else None
-            o, (new["S"], new["z"]) = linear_attention_chunked(q, k, v, prior, cfg.chunk_size, EPS)
-            score_scale = 1.0
-        else:
-            prefix = (state.get("k"), state.get("v"), state.get("kv_mask"))
-            if "S" in state:  # approximate context (ICLAA): feature-map sums of the context keys
-                W = state.get("W")
-                fq = approximate_features(q, None if W is None else repeat_kv(W, cfg.n_head))
-                o = softmax_attention_biased(q, k, v, fq, state["S"], state["z"], mask, *prefix)
-            else:
-                o = softmax_attention(q, k, v, *prefix, mask)
-            if need_state:
-                new.update({n: state[n] for n in ("S", "z", "W") if n in state})
-                if "S" in state and "k" not in state:  # convert: fold the tokens into the sums
-                    fk = approximate_features(k, state.get("W"))
-                    if mask is not None:
-                        fk = fk * mask[:, None, :, None].to(fk.dtype)
-                    new["S"] = state["S"] + fk.transpose(-1, -2) @ v
-                    new["z"] = state["z"] + fk.sum(dim=2)
-                else:  # exact KV prefix, or the KV cache of decoding after an approximate context
-                    real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
-                    new["k"], new["v"], new["kv_mask"] = (
-                        torch.cat([state[n], t], dim=d) if n in state else t
-                        for n, t, d in (("k", k, 2), ("v", v, 2), ("kv_mask", real, 1))
-                    )
-            score_scale = 1.0 / math.sqrt(cfg.head_dim)
-        if cfg.momentum > 0:
-            mo, new["m"] = momentum_chunked(v, cfg.momentum, state.get("m"), mask, cfg.chunk_size)
-            o = o + repeat_kv(mo, cfg.n_head)
-        y = self.o_proj(o.transpose(1, 2).reshape(B, T, C))
-        scores = None
-        if need_attn:
-            scores = (q[:, :, -1:] @ repeat_kv(k, cfg.n_head).transpose(-1, -2))[:, :, 0] * score_scale
-        return y, (new if need_state else None), scores
+    def collect(self, mixed: MixerOutput, run: Pass) -> None:
+        if run.need_state:
+            self.layers.append(mixed.state)
+        if run.need_attn:
+            self.attn_outputs.append(mixed.y)
+            self.attn_scores.append(mixed.scores)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm block:
+
+        x ─┬─ ln_1 ─ attn (mixer; state in, state out) ─ drop ─(+)─┬─ ln_2 ─ mlp ─(+)─ out
+           └────────────────────────────────────────────────────┘  └─────────────┘
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = MIXERS[cfg.attention](cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, positions, mask, state, need_state, need_attn):
-        a, new_state, scores = self.attn(self.ln_1(x), positions, mask, state, need_state, need_attn)
-        x = x + self.drop(a)
-        return x + self.mlp(self.ln_2(x)), new_state, a, scores
+    def forward(self, x: Tensor, state: LayerState | None, run: Pass) -> tuple[Tensor, MixerOutput]:
+        mixed = self.attn(self.ln_1(x), state, run)
+        x = x + self.drop(mixed.y)
+        return x + self.mlp(self.ln_2(x)), mixed
 
 
 class TransformerLM(nn.Module):
@@ -270,6 +207,16 @@ class TransformerLM(nn.Module):
 
         return from_hf_gpt2(path)
 
+    @property
+    def mixers(self) -> list[nn.Module]:
+        """Each block's attention mixer (`lit_icl.mixers.Mixer`)."""
+        return [block.attn for block in self.blocks]
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The conversion modes of this model's attention; the first is exact (the default)."""
+        return self.blocks[0].attn.modes
+
     def forward(
         self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None, check: bool = True
     ) -> Tensor:
@@ -282,72 +229,75 @@ class TransformerLM(nn.Module):
         input_ids: Tensor,
         state=None,
         attention_mask: Tensor | None = None,
+        *,
         need_state: bool = False,
         need_attn: bool = False,
         check: bool = True,
         logits_at: str = "all",
     ) -> LMOutput:
-        """Forward pass that can also return the new state and per-layer attention outputs.
-        logits_at: "all" positions [B, T, V], the "last" one [B, 1, V], or "none" (None; the
-        output head is the costliest layer of a small model, and conversion needs no logits)."""
-        if logits_at not in ("all", "last", "none"):
-            raise ValueError(f"logits_at={logits_at!r}; allowed: 'all', 'last', 'none'")
-        cfg = self.config
+        """Forward pass that can also return the new state (need_state) and per-layer attention
+        outputs and scores (need_attn). logits_at: "all" positions [B, T, V], the "last" one
+        [B, 1, V], or "none" (None; the output head is the costliest layer of a small model,
+        and conversion needs no logits)."""
+        self._check_input(input_ids, attention_mask, logits_at, check)
+        B, T = input_ids.shape
+        layers, offset, last_token = self._prior(state, B, input_ids.device)
+        mask = None if attention_mask is None else attention_mask.bool()
+        positions, new_offset = self._positions(mask, offset, T, exact=check and (layers is not None or mask is not None))
+        previous, new_last = shift_tokens(input_ids, mask, last_token)
+        x = self.drop(self._embed(input_ids, previous, positions))
+        run = Pass(positions, mask, need_state, need_attn)
+        out = LMOutput(None, new_offset, new_last, layers=[] if need_state else None)
+        for i, block in enumerate(self.blocks):
+            x, mixed = block(x, None if layers is None else layers[i], run)
+            out.collect(mixed, run)
+        if logits_at != "none":
+            out.logits = self.lm_head(self.ln_f(x[:, -1:] if logits_at == "last" else x))
+        return out
+
+    def _check_input(self, input_ids: Tensor, attention_mask: Tensor | None, logits_at: str, check: bool) -> None:
+        if logits_at not in LOGITS_AT:
+            raise ValueError(f"logits_at={logits_at!r}; allowed: {', '.join(map(repr, LOGITS_AT))}")
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
                 f"input_ids must be a [B, T] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
             )
         if check and input_ids.device.type == "cpu" and input_ids.numel():  # CUDA asserts itself
             lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
-        B, T = input_ids.shape
-        layers, offset, last_token = self._prior(state, B, input_ids.device)
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != (B, T):
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}"
-                )
-            mask = attention_mask.bool()
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+
+    def _positions(self, mask: Tensor | None, offset: Tensor, T: int, exact: bool) -> tuple[Tensor, Tensor]:
+        """Each token's position [B, T] (its row's offset + the real tokens before it) and each
+        row's offset after the input; ValueError past block_size (exact: by the longest row,
+        a device sync; otherwise by T)."""
+        B = offset.shape[0]
         if mask is not None:
             seen = torch.cumsum(mask.long(), dim=1)  # real tokens up to and including t
         else:
-            seen = torch.arange(1, T + 1, device=input_ids.device).expand(B, T)
+            seen = torch.arange(1, T + 1, device=offset.device).expand(B, T)
         positions = offset[:, None] + (seen - 1).clamp(min=0)
         new_offset = offset + (seen[:, -1] if T else 0)
-        if layers is None and mask is None or not check:
-            longest = T
-        else:
-            longest = int(new_offset.max()) if B else 0
-        if longest > cfg.block_size:
-            raise ValueError(
-                f"context + input is {longest} tokens, more than block_size={cfg.block_size}"
-            )
-        previous, new_last = shift_tokens(input_ids, mask, last_token)
+        longest = (int(new_offset.max()) if B else 0) if exact else T
+        if longest > self.config.block_size:
+            raise ValueError(f"context + input is {longest} tokens, more than block_size={self.config.block_size}")
+        return positions, new_offset
+
+    def _embed(self, input_ids: Tensor, previous: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings (+ the previous token's under token shift, + learned positions)."""
         x = self.wte(input_ids)
-        if cfg.token_shift:
+        if self.config.token_shift:
             x = x + self.wte(previous.clamp(min=0)) * (previous >= 0)[..., None].to(x.dtype)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        x = self.drop(x)
-        out = LMOutput(logits=x, offset=new_offset, last_token=new_last, layers=[] if need_state else None)
-        for i, block in enumerate(self.blocks):
-            prior = layers[i] if layers is not None else None
-            x, new_state, a, scores = block(x, positions, mask, prior, need_state, need_attn)
-            if need_state:
-                out.layers.append(new_state)
-            if need_attn:
-                out.attn_outputs.append(a)
-                out.attn_scores.append(scores)
-        if logits_at != "none":
-            out.logits = self.lm_head(self.ln_f(x[:, -1:] if logits_at == "last" else x))
-        else:
-            out.logits = None
-        return out
+        return x
 
     def _prior(self, state, B: int, device):
-        """The carried per-layer state, offsets and last tokens, broadcast to batch B (a batch-1
+        """The carried per-layer states, offsets and last tokens, broadcast to batch B (a batch-1
         state serves every row). Without a state, a baked context (see `lit_icl.context.bake`)."""
         if state is None and self.context is not None:
             state = self.context
@@ -360,7 +310,7 @@ class TransformerLM(nn.Module):
         if offset.shape[0] not in (1, B):
             raise ValueError(f"state batch size {offset.shape[0]} does not match input batch {B}")
         if offset.shape[0] == 1 and B > 1:
-            layers = [{n: t.expand(B, *t.shape[1:]) for n, t in layer.items()} for layer in layers]
+            layers = [layer.expand(B) for layer in layers]
             offset, last_token = offset.expand(B), last_token.expand(B)
         return layers, offset, last_token
 
@@ -371,31 +321,35 @@ class TransformerLM(nn.Module):
 
 
 class BakedContext(nn.Module):
-    """Per-layer context state held as buffers (so .to(), state_dict() and copies carry it)."""
+    """Per-layer context state held as buffers "l{i}_{name}" (so .to(), state_dict() and copies
+    carry it); `layers` rebuilds the typed states from them."""
 
-    def __init__(self, layers: list[dict[str, Tensor]], offset: Tensor, last_token: Tensor):
+    def __init__(self, layers: list[LayerState], offset: Tensor, last_token: Tensor):
         super().__init__()
-        self.names = [list(layer) for layer in layers]
+        self.skeletons = [layer.map(lambda t: None) for layer in layers]  # the state types, no tensors
         for i, layer in enumerate(layers):
-            for name, t in layer.items():
+            for name, t in layer.tensors().items():
                 self.register_buffer(f"l{i}_{name}", t.detach().clone())
         self.register_buffer("offset_", offset.detach().clone())
         self.register_buffer("last_token_", last_token.detach().clone())
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str) -> "BakedContext":
-        """Rebuild the buffers saved under `prefix` (e.g. "model.context.") in a state dict."""
+    def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str, model: TransformerLM) -> "BakedContext":
+        """Rebuild the buffers saved under `prefix` (e.g. "model.context.") in a state dict; each
+        layer's mode is the one of `model`'s mixer whose state has those tensor names."""
         entries = {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
-        per_layer = [(re.fullmatch(r"l(\d+)_(\w+)", k), t) for k, t in entries.items()]
-        layers: list[dict[str, Tensor]] = [{} for _ in range(1 + max(int(m[1]) for m, _ in per_layer if m))]
-        for match, t in per_layer:
-            if match:
-                layers[int(match[1])][match[2]] = t
+        per_layer: list[dict[str, Tensor]] = [{} for _ in model.blocks]
+        for key, t in entries.items():
+            if match := re.fullmatch(r"l(\d+)_(\w+)", key):
+                per_layer[int(match[1])][match[2]] = t
+        layers = [mixer.state_from_tensors(named, mixer.mode_of(named)) for mixer, named in zip(model.mixers, per_layer)]
         return cls(layers, entries["offset_"], entries["last_token_"])
 
     @property
-    def layers(self) -> list[dict[str, Tensor]]:
-        return [{n: getattr(self, f"l{i}_{n}") for n in names} for i, names in enumerate(self.names)]
+    def layers(self) -> list[LayerState]:
+        buffers = dict(self.named_buffers())
+        return [skeleton.with_tensors({n.split("_", 1)[1]: t for n, t in buffers.items() if n.startswith(f"l{i}_")})
+                for i, skeleton in enumerate(self.skeletons)]
 
     @property
     def offset(self) -> Tensor:
@@ -404,12 +358,6 @@ class BakedContext(nn.Module):
     @property
     def last_token(self) -> Tensor:
         return self.last_token_
-
-
-def approximate_features(x: Tensor, W: Tensor | None) -> Tensor:
-    """phi of approximate conversion for softmax attention: positive random features with
-    projection W [B, H, m, d], or (W None) the second-order Taylor map 1 + s + s^2/2 of exp(s)."""
-    return taylor(x) if W is None else positive_random_features(x, W)
 
 
 def shift_tokens(input_ids: Tensor, mask: Tensor | None, last_token: Tensor) -> tuple[Tensor, Tensor]:

@@ -242,7 +242,7 @@ class LitTransformerLM(pl.LightningModule):
         model.context.*: install a context of their shapes so the state dict loads."""
         prefix = "model.context."
         if any(k.startswith(prefix) for k in checkpoint["state_dict"]):
-            self.model.context = BakedContext.from_state_dict(checkpoint["state_dict"], prefix)
+            self.model.context = BakedContext.from_state_dict(checkpoint["state_dict"], prefix, self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with weight decay on ``dim >= 2`` parameters only; LambdaLR (:func:`lr_lambda`) per step."""

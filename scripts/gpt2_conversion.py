@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The conversion paper's GPT-2 experiment (BRIEF §2, ICLAA) on real weights you have locally.
+"""The conversion paper's GPT-2 experiment (ICLAA; Chen et al. 2024, ICML, arXiv 2406.02847) on real weights you have locally.
 
 For each (context, prompt) pair: the relative logit error ||l_p - l|| / ||l_p|| over the
 prompt's positions between the prompted model (context + prompt) and the model that sees only

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lit_icl.data import AssociativeRecallDataModule
-from lit_icl.model import TransformerConfig
+from lit_icl.model import TransformerConfig, TransformerLM
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_ICL = Path(sys.executable).with_name("lit-icl")  # the installed console script
@@ -24,6 +25,19 @@ TINY_OVERRIDES = [  # shrink a config to a seconds-long run
     "--trainer.max_time", "null", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
 ]
+
+
+def model_config(vocab_size: int = 40, **overrides) -> TransformerConfig:
+    """The tests' tiny model: 2 layers, 2 heads of size 8, block_size 64, chunk_size 4
+    (several chunks even in short sequences); `overrides` set any other field."""
+    base = dict(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=64, chunk_size=4)
+    return TransformerConfig(**{**base, **overrides})
+
+
+def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> TransformerLM:
+    """A `model_config(**overrides)` TransformerLM in `dtype` and eval mode, weights from `seed`."""
+    torch.manual_seed(seed)
+    return TransformerLM(model_config(**overrides)).to(dtype).eval()
 
 
 def pytest_configure(config):
@@ -46,7 +60,7 @@ def tiny_data() -> AssociativeRecallDataModule:
 
 @pytest.fixture
 def tiny_config(tiny_data) -> TransformerConfig:
-    return TransformerConfig(vocab_size=tiny_data.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=32)
+    return model_config(tiny_data.vocab_size, n_embd=32, block_size=32, chunk_size=32)
 
 
 @pytest.fixture

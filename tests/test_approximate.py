@@ -1,4 +1,4 @@
-"""Approximate conversion for softmax attention (ICLAA, BRIEF §2): feature maps of the exp
+"""Approximate conversion for softmax attention (ICLAA, Chen et al. 2024): feature maps of the exp
 kernel, the biased softmax, and the error ordering kv = 0 < approximate < no context."""
 import math
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_icl import ContextState, TransformerConfig, TransformerLM, convert
-from lit_icl.ops import positive_random_features, softmax_attention, softmax_attention_biased, taylor
+from lit_icl.mixers.approximate import softmax_attention_biased
+from lit_icl.ops import positive_random_features, softmax_attention, taylor
 
 
 def test_positive_random_features_estimate_the_exp_kernel():
@@ -83,7 +84,7 @@ def test_approximate_state_round_trip_and_padding(tmp_path, trained_softmax):
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0
     state = convert(model, demo, attention_mask=mask, mode="prf", num_features=64, seed=3)
-    assert state.offset.tolist() == [9, 5] and state.layers[0]["W"].shape == (2, 2, 64, 16)
+    assert state.offset.tolist() == [9, 5] and state.layers[0].mixer.W.shape == (2, 2, 64, 16)
     alone = convert(model, demo[1:, 4:], mode="prf", num_features=64, seed=3)
     query = torch.randint(1, 32, (1, 4))
     torch.testing.assert_close(model(query, state=state.select(1)), model(query, state=alone), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_icl.callbacks import EpisodeRuns, ICLConversionCallback, format_summary
 from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.finetune import finetune
-from lit_icl.model import TransformerConfig
+from tests.conftest import model_config
 from lit_icl.module import LitTransformerLM
 
 HERE = Path(__file__).resolve().parent
@@ -22,8 +22,7 @@ HERE = Path(__file__).resolve().parent
 def tiny(attention="linear", seed=0, **kw):
     dm = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=2, num_train=64,
                                      num_val=16, num_heldout=24, batch_size=16)
-    cfg = TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16,
-                            block_size=32, attention=attention, **kw)
+    cfg = model_config(dm.vocab_size, block_size=32, chunk_size=32, attention=attention, **kw)
     torch.manual_seed(seed)
     return LitTransformerLM(cfg), dm
 
@@ -165,7 +164,7 @@ def test_mixture_reports_each_task(tmp_path):
     small = dict(num_train=32, num_val=8, num_heldout=12, batch_size=8)
     recall = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=2, **small)
     dm = MixtureDataModule([recall, LabelMappingDataModule(**small)], **small)
-    cfg = TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=dm.seq_len + 8)
+    cfg = model_config(dm.vocab_size, block_size=dm.seq_len + 8, chunk_size=32)
     cb = ICLConversionCallback(shots=[1, 2], batch_size=6)
     t = trainer(tmp_path, [cb])
     t.fit(LitTransformerLM(cfg), datamodule=dm)

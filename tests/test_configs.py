@@ -1,12 +1,14 @@
-"""Every YAML in configs/ parses through the lit-icl LightningCLI and builds its model and data."""
+"""Every YAML in configs/ parses through the lit-icl LightningCLI and builds its model and data; an
+overlay (first line "# Overlay on configs/<base>.yaml") is loaded after its base, as users do with
+`--config configs/<base>.yaml --config configs/<overlay>.yaml`."""
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import yaml
 
 from lit_icl.cli import build_cli
 from lit_icl.module import LitTransformerLM
@@ -16,6 +18,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
 NEEDS_PRETRAINED = {"smollm2_icl.yaml"}  # a named model (a 93 MB download): a tiny local Llama instead
 NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml", "real_tasks.yaml"}  # required, or a named source (no download in tests)
+OVERLAY = re.compile(r"^# Overlay on configs/(\S+\.yaml)")
+
+
+def stack(path: Path) -> list[Path]:
+    """The configs to load for `path`: its base's stack, then itself."""
+    match = OVERLAY.match(path.read_text())
+    return [*stack(path.parent / match[1]), path] if match else [path]
 
 
 def test_configs_exist():
@@ -43,11 +52,12 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default logger / checkpoint dirs are relative
     monkeypatch.setattr(sys, "argv", ["lit-icl"])  # parse only the args given below
     monkeypatch.setenv("LIT_ICL_CACHE", str(tmp_path / "cache"))  # nothing is fetched: see the end
-    extra = ["--data.init_args.corpus", str(write_corpus(tmp_path / "corpus.txt"))] if path.name in NEEDS_CORPUS else []
-    if path.name in NEEDS_PRETRAINED:
+    files = stack(path)
+    extra = ["--data.init_args.corpus", str(write_corpus(tmp_path / "corpus.txt"))] if files[0].name in NEEDS_CORPUS else []
+    if files[0].name in NEEDS_PRETRAINED:
         model = tiny_pretrained(tmp_path / "model")
         extra = ["--model.pretrained", str(model), "--data.init_args.tokenizer", str(model)]
-    cli = build_cli(["--config", str(path), *extra], run=False)
+    cli = build_cli([arg for f in files for arg in ("--config", str(f))] + extra, run=False)
     assert isinstance(cli.model, LitTransformerLM) and isinstance(cli.trainer, pl.Trainer)
     assert isinstance(cli.datamodule, pl.LightningDataModule) and callable(cli.datamodule.heldout_episodes)
     assert cli.model.config.vocab_size == cli.datamodule.vocab_size, "data.vocab_size is linked into the model"
@@ -67,12 +77,17 @@ def test_every_field_has_a_comment(path):
     assert not missing, "fields without a comment:\n" + "\n".join(missing)
 
 
-def test_variants_differ_from_quickstart_where_named():
-    def model(name):
-        return yaml.safe_load((CONFIGS[0].parent / name).read_text())["model"]["config"]
+def test_overlays_change_only_what_they_name():
+    """momentum.yaml and softmax.yaml are a few fields on top of quickstart.yaml, not copies."""
+    def model(*names):
+        cli = build_cli([arg for n in names for arg in ("--config", str(CONFIGS[0].parent / n))], run=False)
+        return dataclasses.asdict(cli.model.config)
 
-    quick, momentum, softmax = model("quickstart.yaml"), model("momentum.yaml"), model("softmax.yaml")
+    quick = model("quickstart.yaml")
     assert (quick["attention"], quick["feature_map"], quick["position"], quick["momentum"]) == (
         "linear", "elu", "learned", 0.0)
-    assert momentum == {**quick, "momentum": 0.5}
-    assert softmax["attention"] == "softmax" and softmax["momentum"] == 0.0
+    assert model("quickstart.yaml", "momentum.yaml") == {**quick, "momentum": 0.5}
+    assert model("quickstart.yaml", "softmax.yaml") == {**quick, "attention": "softmax"}
+    for name in ("momentum.yaml", "softmax.yaml"):
+        assert stack(CONFIGS[0].parent / name)[0].name == "quickstart.yaml"
+        assert len((CONFIGS[0].parent / name).read_text().splitlines()) < 15

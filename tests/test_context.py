@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lit_icl import ContextState, TransformerConfig, TransformerLM, bake, convert
+from tests.conftest import tiny_model
 
 V = 40
 EXACT = [
@@ -24,9 +25,7 @@ def ids(cfg_id):
 
 
 def make(dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=64, chunk_size=4, **kw)
-    return TransformerLM(cfg).to(dtype).eval()
+    return tiny_model(dtype, seed, vocab_size=V, **kw)
 
 
 def tokens(*shape, seed=1):
@@ -89,8 +88,8 @@ def test_incremental_and_bake(kw):
     step = convert(model, b, state=convert(model, a))
     assert step.offset.tolist() == whole.offset.tolist() == [17, 17]
     for lw, ls in zip(whole.layers, step.layers):
-        for name in lw:
-            torch.testing.assert_close(ls[name], lw[name], rtol=1e-10, atol=1e-10)
+        for name, t in lw.tensors().items():
+            torch.testing.assert_close(ls.tensors()[name], t, rtol=1e-10, atol=1e-10)
     prompted = model(torch.cat([a, b, query], 1))[:, 17:]
     torch.testing.assert_close(model(query, state=step), prompted, rtol=1e-10, atol=1e-10)
     baked = bake(model, whole)
@@ -99,7 +98,7 @@ def test_incremental_and_bake(kw):
 
 
 def test_biases_are_the_sums_of_the_paper():
-    """Layer 0's b_KV and b_D are sum_j phi(k_j) v_j^T and sum_j phi(k_j) (BRIEF §2)."""
+    """Layer 0's b_KV and b_D are sum_j phi(k_j) v_j^T and sum_j phi(k_j) (Chen et al. 2024, Algorithm 1)."""
     model = make(attention="linear", position="none")
     demo = tokens(1, 6)
     state = convert(model, demo)
@@ -108,8 +107,8 @@ def test_biases_are_the_sums_of_the_paper():
     H, D = 2, 8
     k = attn.phi(attn.k_proj(x).view(1, 6, H, D).transpose(1, 2))
     v = attn.v_proj(x).view(1, 6, H, D).transpose(1, 2)
-    torch.testing.assert_close(state.layers[0]["S"], torch.einsum("bhtf,bhtd->bhfd", k, v))
-    torch.testing.assert_close(state.layers[0]["z"], k.sum(2))
+    torch.testing.assert_close(state.layers[0].mixer.S, torch.einsum("bhtf,bhtd->bhfd", k, v))
+    torch.testing.assert_close(state.layers[0].mixer.z, k.sum(2))
 
 
 def test_batch_one_state_serves_many_queries():

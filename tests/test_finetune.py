@@ -2,16 +2,14 @@
 import pytest
 import torch
 
-from lit_icl import TransformerConfig, TransformerLM
 from lit_icl.finetune import finetune, finetune_batched, finetuned_logits, lm_loss, trainable_names
+from tests.conftest import tiny_model
 
 V = 24
 
 
 def model(attention="linear", **kw):
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=32, attention=attention, **kw)
-    return TransformerLM(cfg).double()
+    return tiny_model(vocab_size=V, block_size=32, chunk_size=32, attention=attention, **kw).train()
 
 
 def demos(N=3, D=4, L=3, seed=0):

@@ -2,16 +2,15 @@
 import pytest
 import torch
 
-from lit_icl import TransformerConfig, TransformerLM, convert
+from lit_icl import convert
 from lit_icl.generate import generate
+from tests.conftest import tiny_model
 
 V = 30
 
 
 def model(**kw):
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=48, chunk_size=4, **kw)
-    return TransformerLM(cfg).double().eval()
+    return tiny_model(vocab_size=V, block_size=48, **kw)
 
 
 def naive_greedy(m, ids, n):
@@ -39,8 +38,8 @@ def test_approximate_context_decodes_the_input_exactly():
     prompt = torch.randint(1, V, (2, 5))
     state = convert(m, torch.randint(1, V, (2, 6)), mode="taylor")
     for layer in state.layers:
-        layer["S"].zero_()
-        layer["z"].zero_()
+        layer.mixer.S.zero_()
+        layer.mixer.z.zero_()
     state.offset.zero_()
     state.last_token.fill_(-1)
     assert torch.equal(generate(m, prompt, 6, state=state), naive_greedy(m, prompt, 6))

@@ -134,7 +134,7 @@ def test_kv_prefix_conversion_is_exact(llama_dirs, name):
     demo, more, query = tokens(2, 15), tokens(2, 6, seed=2), tokens(2, 7, seed=3)
     prompted = model(torch.cat([demo, more, query], 1))[:, 21:]
     state = convert(model, demo)
-    assert state.layers[0]["k"].shape == (2, model.config.kv_heads, 15, 8)
+    assert state.layers[0].mixer.k.shape == (2, model.config.kv_heads, 15, 8)
     step = convert(model, more, state=state)
     torch.testing.assert_close(model(query, state=step), prompted, rtol=1e-10, atol=1e-10)
     whole = convert(model, torch.cat([demo, more], 1))
@@ -158,7 +158,7 @@ def test_grouped_query_with_momentum_and_token_shift_converts_exactly(dtype):
     a, b, query = tokens(3, 11), tokens(3, 6, seed=2), tokens(3, 5, seed=3)
     prompted = model(torch.cat([a, b, query], 1))[:, 17:]
     state = convert(model, b, state=convert(model, a))
-    assert state.layers[1]["m"].shape == (3, 2, 8)
+    assert state.layers[1].momentum.m.shape == (3, 2, 8)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(model(query, state=state), prompted, rtol=tol, atol=tol)
     mask = torch.ones(3, 17, dtype=torch.long)
@@ -206,8 +206,8 @@ def test_grouped_query_approximate_conversion_equals_repeated_heads(llama_dirs, 
     demo, query = tokens(2, 12), tokens(2, 5, seed=4)
     torch.testing.assert_close(mha(query), gqa(query), rtol=1e-10, atol=1e-10)
     state = convert(gqa, demo, mode=mode, num_features=64)
-    assert state.layers[0]["S"].shape[:2] == (2, 2)
-    wide = ContextState([{n: t.repeat_interleave(2, dim=1) for n, t in layer.items()} for layer in state.layers],
+    assert state.layers[0].mixer.S.shape[:2] == (2, 2)
+    wide = ContextState([layer.map(lambda t: t.repeat_interleave(2, dim=1)) for layer in state.layers],
                         state.offset, state.last_token, mode)
     torch.testing.assert_close(gqa(query, state=state), mha(query, state=wide), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(generate(gqa, query, 6, state=state), generate(mha, query, 6, state=wide))

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lit_icl import TransformerConfig, TransformerLM
+from tests.conftest import model_config
 
 V = 30
 
 
 def cfg(**kw):
-    base = dict(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=32, chunk_size=4)
-    return TransformerConfig(**{**base, **kw})
+    return model_config(**{"vocab_size": V, "block_size": 32, **kw})
 
 
 @pytest.mark.parametrize(

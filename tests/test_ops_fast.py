@@ -139,7 +139,7 @@ def test_low_precision_inputs_compute_in_float32():
 
 @pytest.mark.skipif(fla_naive_reference() is None, reason="flash-linear-attention (fla) is not installed")
 def test_matches_fla_naive_reference():
-    """BRIEF §1: fla's naive_recurrent_linear_attn, normalize=True, scale=1 and its eps (1e-10),
+    """fla's naive_recurrent_linear_attn, normalize=True, scale=1 and its eps (1e-10),
     layout [B, T, H, D], carrying (S, z), where both definitions coincide."""
     naive = fla_naive_reference()
     q, k, v, (S0, z0) = inputs(B=2, H=3, T=37, d=4, dtype=torch.float32)
@@ -183,7 +183,7 @@ def test_fla_dispatch_matches_pure_pytorch(dtype, tol):
 @needs_fla_gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 5e-2)])
 def test_fla_conversion_is_exact_within_tolerance(dtype, tol):
-    """BRIEF §2 on the GPU path: query on the converted state == query after the prompt."""
+    """Exact conversion (Chen et al. 2024) on the GPU path: query on the converted state == query after the prompt."""
     from lit_icl import TransformerConfig, TransformerLM, convert
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ __all__ = ["Episodes"]
 
 @dataclass(frozen=True)
 class Episodes:
-    """A batch of ``N`` ICL episodes (BRIEF §4-5), all of the same shape.
+    """A batch of ``N`` ICL episodes (the demonstration sets of Dai et al. 2023's ICL-vs-finetuning comparison), all of the same shape.
 
     Attributes:
         demo_ids: ``[N, M]`` long, the demonstrations (``M`` may be 0: zero-shot).

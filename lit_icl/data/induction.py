@@ -1,4 +1,4 @@
-"""Induction head (BRIEF §5; the conversion paper's task): after ``trigger target`` somewhere in a
+"""Induction head (Olsson et al. 2022; the task of Chen et al. 2024's induction-head experiment): after ``trigger target`` somewhere in a
 random token sequence, the trigger appears again and the answer is the target.
 
 Token layout: ``0`` = pad, ``1`` = the trigger, content tokens ``2..n_tokens+1``.

@@ -1,4 +1,4 @@
-"""Label-mapping classification (BRIEF §5): a fresh random map from input words to K labels.
+"""Label-mapping classification (in the style of Dai et al. 2023's classification tasks): a fresh random map from input words to K labels.
 
 Token layout: ``0`` = pad, ``1`` = ``->`` (the arrow), ``2`` = ``;`` (the delimiter), label tokens
 ``3..n_labels+2``, input words ``n_labels+3..n_labels+n_words+2``.
@@ -10,7 +10,7 @@ slots ``x -> y ;`` ask words drawn uniformly from the shown ones, with the label
 arrow (``labels`` is ``y`` there and ``-100`` everywhere else). A held-out episode's query is
 ``x ->`` (``Q = 2``), its answer ``y``, its candidates the ``n_labels`` label tokens. As the map is
 fresh in every episode, zero-shot accuracy is at chance ``1 / n_labels`` by construction, while
-finetuning on the demonstrations can learn the map too (BRIEF §4's comparison).
+finetuning on the demonstrations can learn the map too (Dai et al. 2023's ICL-vs-finetuning comparison).
 """
 
 from __future__ import annotations

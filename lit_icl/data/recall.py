@@ -1,4 +1,5 @@
-"""Associative recall (BRIEF §5): a random key->value map shown as pairs, then keys are asked.
+"""Associative recall (the associative-recall task of the linear-attention literature,
+e.g. Arora et al. 2024, Zoology): a random key->value map shown as pairs, then keys are asked.
 
 Token layout: ``0`` = pad, keys ``1..n_keys``, values ``n_keys+1..n_keys+n_values``.
 

@@ -1,4 +1,5 @@
-"""Synthetic ICL tasks (BRIEF §5): the DataModule machinery every task shares.
+"""Synthetic ICL tasks (zero-shot at chance, so in-context learning is measurable on a CPU):
+the DataModule machinery every task shares.
 
 A task generates fixed-length token sequences whose labels are already shifted (``labels[t]`` is
 the target of the prediction at position ``t``, ``-100`` where nothing is scored) and held-out

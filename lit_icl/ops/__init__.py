@@ -9,11 +9,11 @@ from lit_icl.ops.linear_attention import (
 )
 from lit_icl.ops.momentum import momentum_chunked, momentum_recurrent
 from lit_icl.ops.rope import rope
-from lit_icl.ops.softmax_attention import attention_mask, repeat_kv, softmax_attention, softmax_attention_biased
+from lit_icl.ops.softmax_attention import attention_mask, repeat_kv, softmax_attention
 
 __all__ = [
     "FEATURE_MAPS", "feature_dim", "feature_map", "positive_random_features", "taylor",
     "linear_attention_chunked", "linear_attention_quadratic", "linear_attention_recurrent",
     "CHUNK_SIZE", "linear_attention_chunked_autograd",
-    "momentum_chunked", "momentum_recurrent", "rope", "attention_mask", "repeat_kv", "softmax_attention", "softmax_attention_biased",
+    "momentum_chunked", "momentum_recurrent", "rope", "attention_mask", "repeat_kv", "softmax_attention",
 ]

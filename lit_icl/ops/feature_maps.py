@@ -1,4 +1,4 @@
-"""Feature maps phi for linear attention (BRIEF §1): positive maps so that phi(q).phi(k) >= 0.
+"""Feature maps phi for linear attention (Katharopoulos et al. 2020): positive maps so that phi(q).phi(k) >= 0.
 
 Each map acts on the last dimension of a tensor [..., d] and returns [..., feature_dim(name, d)].
 """

@@ -1,4 +1,4 @@
-"""GPU path of causal linear attention (BRIEF §1) through flash-linear-attention (`fla`).
+"""GPU path of causal linear attention (Katharopoulos et al. 2020) through flash-linear-attention (`fla`).
 
 Install with `pip install lit_icl[gpu]`. fla's `chunk_linear_attn` (Triton, layout [B, T, H, K])
 carries only the key-value state S through `initial_state` / `output_final_state`, and its

@@ -1,4 +1,5 @@
-"""Causal linear attention with state in and out (BRIEF §1), in three equivalent forms.
+"""Causal linear attention with state in and out (Katharopoulos, Vyas, Pappas, Fleuret 2020,
+"Transformers are RNNs", ICML: the causal form as a recurrence), in three equivalent forms.
 
 All functions take feature-mapped queries and keys, q = phi(Q) and k = phi(K), of shape
 [B, H, T, F], values v of shape [B, H, T, D], and an optional initial state (S0, z0) with
@@ -12,9 +13,10 @@ state after the last token. A token whose k row is zero contributes nothing to t
 - `linear_attention_quadratic`: masked (q k^T) v, O(T^2).
 - `linear_attention_chunked_autograd`: quadratic inside chunks of C tokens, state across
   chunks, all chunks at once through plain autograd; the second reference.
-- `linear_attention_chunked`: the same chunked form, fast: a hand-written backward
-  (`chunked_linear_attention.py`) on CPU or without fla, fla's Triton kernel on CUDA
-  (`fla_linear_attention.py`). The training path. Any T and any C >= 1.
+- `linear_attention_chunked`: the same chunked form, fast, and the training path; it
+  dispatches to `linear_attention_chunked_cpu` (hand-written backward,
+  `chunked_linear_attention.py`) or on CUDA to `linear_attention_fla` (fla's Triton kernel,
+  `fla_linear_attention.py`). Any T and any C >= 1.
 
 The quadratic and chunked forms carry the normaliser as an extra value column of ones, so
 numerator and denominator share every matrix product: [S | z] is the state of v_aug = [v | 1].
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_icl.ops.chunked_linear_attention import chunked_linear_attention
+from lit_icl.ops.chunked_linear_attention import check_chunk_size, chunk_layout, linear_attention_chunked_cpu, pad_time
 from lit_icl.ops.fla_linear_attention import linear_attention_fla, use_fla
 
 CHUNK_SIZE = 32  # default chunk length, chosen by the chunk-size sweep of scripts/bench.py (README)
@@ -48,7 +50,7 @@ def _initial_state(q: Tensor, v: Tensor, state: State | None) -> State:
 def linear_attention_recurrent(
     q: Tensor, k: Tensor, v: Tensor, state: State | None = None, eps: float = 1e-6
 ) -> tuple[Tensor, State]:
-    """BRIEF §1, token by token: S_t = S_{t-1} + k_t v_t^T, z_t = z_{t-1} + k_t."""
+    """The recurrence of Katharopoulos et al. 2020, token by token: S_t = S_{t-1} + k_t v_t^T, z_t = z_{t-1} + k_t."""
     S, z = _initial_state(q, v, state)
     outs = []
     for t in range(q.shape[2]):
@@ -85,11 +87,6 @@ def linear_attention_quadratic(
     return _split(o_aug, S0 + k.transpose(-1, -2) @ v_aug, eps)
 
 
-def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
-
-
 def linear_attention_chunked(
     q: Tensor,
     k: Tensor,
@@ -104,13 +101,13 @@ def linear_attention_chunked(
     otherwise the hand-written-backward Function, which also runs under torch.func.vmap/grad.
     Gradients flow to q, k, v and the initial state; the final state's gradient flows back.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     S0, z0 = _initial_state(q, v, state)
     if q.shape[2] == 0:
         return v.new_zeros(v.shape), (S0, z0)
     if use_fla(q, v):
         return linear_attention_fla(q, k, v, S0, z0, eps)
-    o, S, z = chunked_linear_attention(q, k, v, S0, z0, chunk_size, eps)
+    o, S, z = linear_attention_chunked_cpu(q, k, v, S0, z0, chunk_size, eps)
     return o, (S, z)
 
 
@@ -129,14 +126,11 @@ def linear_attention_chunked_autograd(
     U_c computed for all chunks at once by an exclusive cumulative sum. T is padded with zero
     keys (no contribution) up to a multiple of C; the padded outputs are dropped.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     v_aug, U0 = _augment(v, _initial_state(q, v, state))
     B, H, T, F = q.shape
-    C = min(chunk_size, max(T, 1))
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        q, k, v_aug = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v_aug))
+    C, N, pad = chunk_layout(T, chunk_size)
+    q, k, v_aug = (pad_time(x, pad) for x in (q, k, v_aug))
     qc, kc, vc = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v_aug))
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     intra = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0) @ vc

@@ -1,9 +1,10 @@
-"""Momentum attention's EMA term (BRIEF §3, Dai et al. 2023) with state in and out.
+"""Momentum attention's EMA term (Dai, Sun, Dong, Hao, Ma, Sui, Wei 2023, "Why Can GPT Learn
+In-Context?", ACL Findings, arXiv 2212.10559: momentum-based attention) with state in and out.
 
     MoAttn(V, K, q_t) = Attn(V, K, q_t) + sum_{i<t} eta^{t-i} v_i
 
 The carried state is the accumulator c_t = sum_{i<=t} eta^{t-i} v_i = eta c_{t-1} + v_t, so
-the term at token t is m_t = eta c_{t-1} (BRIEF's m_t = eta (m_{t-1} + v_{t-1})). Positions
+the term at token t is m_t = eta c_{t-1} (equivalently m_t = eta (m_{t-1} + v_{t-1})). Positions
 count real tokens only: a masked (padding) token neither adds its value nor decays the
 accumulator, so padded rows give the same numbers as unpadded ones.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lit_icl.ops.chunked_linear_attention import check_chunk_size, chunk_layout, pad_time
 
 
 def _initial(v: Tensor, state: Tensor | None) -> Tensor:
@@ -56,17 +59,11 @@ def momentum_chunked(
     chunk, the accumulator carried across chunks; p counts real tokens. Exponents stay within
     a chunk, so no eta^(-n) ever overflows. chunk_size >= T gives the plain quadratic form.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    check_chunk_size(chunk_size)
     c = _initial(v, state)
     B, H, T, D = v.shape
-    m = _mask(v, mask)
-    C = min(chunk_size, max(T, 1))
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-        m = torch.nn.functional.pad(m, (0, pad))
+    C, N, pad = chunk_layout(T, chunk_size)
+    v, m = pad_time(v, pad), pad_time(_mask(v, mask), pad, dim=-1)
     p = torch.cumsum(m, dim=-1).reshape(B, N, C)  # real tokens up to and including t
     mc = m.reshape(B, N, C)
     at = p + 1 - mc  # position token t has (or would have, were it real)
