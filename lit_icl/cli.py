@@ -111,21 +111,16 @@ class LitICLCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Say where the run's checkpoints and logs are."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: asked on every rank
         checkpoint = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
             last = os.path.join(checkpoint.dirpath, "last.ckpt")
             where = f"lit-icl: run {getattr(self, 'run_name', None) or '-'}: checkpoints in {checkpoint.dirpath}/"
             if os.path.isfile(last):
                 where += f" (last: {last})"
-            if self.trainer.log_dir:
-                where += f"; logs in {self.trainer.log_dir}/"
+            if log_dir:
+                where += f"; logs in {log_dir}/"
             print(where)
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError) as err:
-            raise ConfigError(_root_message(err)) from err
 
 
 def _log_root(config) -> Optional[str]:
