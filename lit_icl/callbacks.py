@@ -336,8 +336,12 @@ class ICLConversionCallback(Callback):
             self.prepare(trainer.datamodule, pl_module.model.config.block_size)
         failure, seconds, collected = None, {}, {}
         try:
-            for task, k in self.episodes:
+            for i, (task, k) in enumerate(self.episodes, 1):
+                begun = time.perf_counter()
                 collected.setdefault(task, {})[k] = self._run(trainer, pl_module.model, pl_module.device, task, k, seconds)
+                if len(self.episodes) > 1:  # a line per finished group: a pretrained model takes minutes
+                    rank_zero_info(f"icl: {i}/{len(self.episodes)} {task + ' ' if task else ''}k={k} "
+                                   f"evaluated in {time.perf_counter() - begun:.1f} s")
         except Exception as err:  # noqa: BLE001 -- any failure of the evaluation, reported below
             if trainer.state.fn != "fit" or os.environ.get("LIT_ICL_DEBUG"):
                 raise

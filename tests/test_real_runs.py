@@ -51,7 +51,7 @@ def test_too_long_prompt_stops_the_run_before_training(tmp_path, run_cli):
                                                     "the longest prompt is "), proc.stderr
     assert "more than block_size=128" in lines[0] and "too_long: drop" in lines[0]
     assert not list(tmp_path.glob("checkpoints/*/*.ckpt")), "nothing was trained"
-    assert seconds < 60
+    assert seconds < 120  # start-up and the check; a few seconds on an idle 2-core machine
 
 
 def test_drop_longest_keeps_order_and_fits():
