@@ -42,7 +42,7 @@ from lit_icl.ops import (
     linear_attention_chunked_autograd,
     linear_attention_quadratic,
 )
-from lit_icl.ops.fla_linear_attention import fla_naive_reference
+from lit_icl.ops.fla import fla_naive
 
 FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
             mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
@@ -145,7 +145,7 @@ def kernel_contenders(cfg: dict, T: int, chunk_size: int = CHUNK_SIZE) -> dict[s
     }
     if T <= cfg["quadratic_max_T"]:
         fns["quadratic"] = fwd_bwd(lambda a, b, c: linear_attention_quadratic(a, b, c)[0], fq, fk, v)
-    naive = fla_naive_reference()
+    naive = fla_naive("linear_attn")
     if naive is not None and T % 64 == 0:  # its chunk size is fixed at 64
         t = lambda a: a.transpose(1, 2)
         fns["fla naive chunk"] = fwd_bwd(
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive_reference() is not None,
+                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive("linear_attn") is not None,
                   "mm_check_gflops": matmul_check(), "environment": knobs(),
                   "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                   "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
