@@ -187,31 +187,38 @@ def test_neutral_tokens_leave_the_state(kind):
     assert_all_close((o[:, :, keep], S), (o_ref, S_ref))
 
 
-def _fla_layout(x):
-    return x.transpose(1, 2)  # [B, H, T, *] <-> fla's [B, T, H, *]
+def _from_fla_layout(fn):
+    """fn(q, k, v, gate, S0) -> (o, S) in fla's layout [B, T, H, *] as the same in lit_icl's."""
+    t = lambda x: x.transpose(1, 2)
+
+    def call(q, k, v, gate, S0):
+        o, S = fn(t(q), t(k), t(v), t(gate), S0)
+        return t(o), S
+
+    return call
 
 
 def _oracles(kind):
-    """fla's pure-PyTorch references for a kind, each as fn(q, k, v, gate, S0) -> (o, S or None)
-    in lit_icl's layout; their scale is fla's default 1/sqrt(K), as is ours."""
-    naive, t = fla_naive(kind), _fla_layout
+    """fla's pure-PyTorch references for a kind, each as (fn(q, k, v, gate, S0) -> (o, S or None)
+    in lit_icl's layout, whether it takes an initial state); their scale is fla's default
+    1/sqrt(K), as is ours."""
+    naive = fla_naive(kind)
     assert naive is not None, "fla-core (dev extra) is not installed: pip install -e .[dev]"
-    if kind == "retention":  # the parallel form, no state, gamma_h = 1 - 2^(-5-h) built in
+    if kind == "retention":  # the parallel form, no state, gamma_h = 1 - 2^(-5-h) built in; [B, H, T, D]
         return {"naive_retention": (lambda q, k, v, gate, S0: (naive.naive_retention(q, k, v), None), False)}
     if kind == "simple_gla":
-        rec = lambda q, k, v, g, S0: naive.naive_recurrent_simple_gla(
-            t(q), t(k), t(v), t(g), initial_state=S0, output_final_state=True)
-        chunk = lambda q, k, v, g, S0: naive.naive_chunk_simple_gla(
-            t(q), t(k), t(v), t(g), initial_state=S0, output_final_state=True, chunk_size=16)
-        return {"naive_recurrent_simple_gla": (lambda *a: (t(rec(*a)[0]), rec(*a)[1]), True),
-                "naive_chunk_simple_gla": (lambda *a: (t(chunk(*a)[0]), chunk(*a)[1]), True)}
+        return {"naive_recurrent_simple_gla": (_from_fla_layout(lambda q, k, v, g, S0: naive.naive_recurrent_simple_gla(
+                    q, k, v, g, initial_state=S0, output_final_state=True)), True),
+                "naive_chunk_simple_gla": (_from_fla_layout(lambda q, k, v, g, S0: naive.naive_chunk_simple_gla(
+                    q, k, v, g, initial_state=S0, output_final_state=True, chunk_size=16)), True)}
     if kind == "gla":
-        rec = lambda q, k, v, g, S0: naive.naive_recurrent_gla(t(q), t(k), t(v), t(g), S0, output_final_state=True)
-        return {"naive_recurrent_gla": (lambda *a: (t(rec(*a)[0]), rec(*a)[1]), True)}
-    assert kind == "delta_rule"
+        return {"naive_recurrent_gla": (_from_fla_layout(lambda q, k, v, g, S0: naive.naive_recurrent_gla(
+                    q, k, v, g, initial_state=S0, output_final_state=True)), True)}
+    assert kind == "delta_rule"  # [B, H, T, D]
     return {"delta_rule_recurrence": (lambda q, k, v, b, S0: naive.delta_rule_recurrence(
                 q, k, v, b, initial_state=S0, output_final_state=True), True),
-            "delta_rule_chunkwise": (lambda q, k, v, b, S0: naive.delta_rule_chunkwise(q, k, v, b, chunk_size=16), False)}
+            "delta_rule_chunkwise": (
+                lambda q, k, v, b, S0: naive.delta_rule_chunkwise(q, k, v, b, chunk_size=16), False)}
 
 
 ORACLES = [(kind, name) for kind in KINDS for name in _oracles(kind)]

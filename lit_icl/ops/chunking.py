@@ -4,7 +4,7 @@ the state scan across chunks, and the checks of the carried state.
 A chunked form splits the time axis into N chunks of C tokens (the last one zero-padded),
 computes everything local to a chunk for all chunks at once, and carries the state from chunk
 to chunk by a short loop (Yang et al., ICML 2024, "Gated Linear Attention Transformers with
-Hardware-Efficient Training", sec. 3):
+Hardware-Efficient Training"):
 
     S_{n+1} = transition(A_n, S_n) + P_n   (P_n: the chunk's own contribution to the state)
 
@@ -70,7 +70,9 @@ def chunk_cumsum(g: Tensor, C: int) -> Tensor:
     return to_chunks(g, C).cumsum(3)
 
 
-def scan_chunks(S0: Tensor, P: Tensor, A: Tensor, transition: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def scan_chunks(
+    S0: Tensor, P: Tensor, A: Tensor, transition: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
     """States before each chunk [B, H, N, K, V] and the state after the last one [B, H, K, V]:
     S_0 = S0, S_{n+1} = transition(A_n, S_n) + P_n, with P [B, H, N, K, V] and A [B, H, N, ...]
     the chunks' transition operands (a decay, a matrix). Both are split once (unbind): indexing

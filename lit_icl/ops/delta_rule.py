@@ -1,5 +1,5 @@
 """DeltaNet: linear attention with the delta rule (Schlag, Irie, Schmidhuber, ICML 2021, "Linear
-Transformers Are Secretly Fast Weight Programmers", sec. 4.2; Yang, Wang, Zhang, Shen, Kim,
+Transformers Are Secretly Fast Weight Programmers"; Yang, Wang, Zhang, Shen, Kim,
 NeurIPS 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"),
 with state in and out.
 

@@ -1,6 +1,6 @@
-"""Simple GLA: gated linear attention with one data-dependent decay per head and token
-(Yang et al., ICML 2024, sec. 4.4 "scalar gate"; the state-space-duality form of Mamba-2,
-Dao & Gu, ICML 2024, sec. 7), with state in and out.
+"""Simple GLA: gated linear attention with one data-dependent decay per head and token (the
+scalar-gate special case of GLA, Yang et al., ICML 2024; the state-space-duality form of Mamba-2,
+Dao & Gu, ICML 2024, "Transformers are SSMs"), with state in and out.
 
 Per head, a log gate g_t (scalar, g = log a_t <= 0; the layer makes it as
 logsigmoid(w^T x_t + b) / tau), keys k_t [K], values v_t [V], queries q_t [K], S [K, V]:
