@@ -15,19 +15,19 @@ Sections (float32 on the CPU):
  4. conversion (`convert`, one no-grad pass) vs the finetuning baseline (`finetune`: SGD, batch
     size 1) and its batched form (`finetune_batched`), per episode.
  5. inference per query on the converted context (`model(query, state=...)`) vs with the prompt.
+ 6. the recurrent family's ops (retention, simple GLA, GLA, DeltaNet): chunked vs recurrent vs
+    fla's pure-PyTorch chunked reference, and linear in T (scripts/bench_recurrent.py).
 --quick shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
+--sections runs only the named sections (e.g. `--sections recurrent`).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import threading
 import time
 from typing import Callable
 
@@ -42,87 +42,20 @@ from lit_icl.ops import (
     linear_attention_chunked_autograd,
     linear_attention_quadratic,
 )
-from lit_icl.ops.fla_linear_attention import fla_naive_reference
+from lit_icl.ops.fla import fla_naive
+
+from bench_recurrent import RECURRENT_FULL, RECURRENT_QUICK, bench_recurrent, recurrent_table, recurrent_targets
+from bench_timing import alternate, fmt_s, fwd_bwd, med, peak_memory, ratio
 
 FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
             mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
-            episodes=16, queries=64, reps=5)
+            episodes=16, queries=64, reps=5, recurrent=RECURRENT_FULL)
 QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256,
              mm_n=256, train_T=(64, 128), train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8),
-             episodes=4, queries=8, reps=2)
+             episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK)
 AUTOGRAD_CHUNK = 64  # the plain-autograd reference at its own former default
 LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
 VOCAB, N_KEYS = 65, 32  # recall vocabulary: keys 1..32, values 33..64
-
-
-def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Seconds per call of each function: one warm-up round, then `reps` rounds alternating
-    the order (forward, reverse, ...)."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(reps):
-        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-
-def rss() -> int | None:
-    """Resident set size in bytes (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
-def peak_memory(fn: Callable[[], object]) -> int | None:
-    """Peak growth of resident memory while fn runs (sampled every 0.5 ms, freed heap memory
-    returned to the OS first); None where /proc is missing."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    base = rss()
-    if base is None:
-        return None
-    peak, done = [base], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss() or 0)
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    fn()
-    done.set()
-    thread.join()
-    return max(peak[0], rss() or 0) - base
-
-
-def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
-    """A closure running fn forward and backward, with a fixed random output gradient."""
-    grads: list[torch.Tensor] = []
-
-    def run():
-        out = fn(*inputs)
-        if not grads:
-            grads.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device))
-        torch.autograd.grad(out, inputs, grads[0])
-
-    return run
 
 
 def attention_inputs(cfg: dict, T: int) -> dict[str, torch.Tensor]:
@@ -145,7 +78,7 @@ def kernel_contenders(cfg: dict, T: int, chunk_size: int = CHUNK_SIZE) -> dict[s
     }
     if T <= cfg["quadratic_max_T"]:
         fns["quadratic"] = fwd_bwd(lambda a, b, c: linear_attention_quadratic(a, b, c)[0], fq, fk, v)
-    naive = fla_naive_reference()
+    naive = fla_naive("linear_attn")
     if naive is not None and T % 64 == 0:  # its chunk size is fixed at 64
         t = lambda a: a.transpose(1, 2)
         fns["fla naive chunk"] = fwd_bwd(
@@ -261,27 +194,90 @@ def bench_inference(cfg: dict) -> dict:
 
 
 def targets(cfg: dict, r: dict) -> list[dict]:
-    """The issue's targets, each with its measured value and whether it is met."""
+    """The issues' targets of the sections that ran, each with its measured value and whether it is met."""
     mid, long = cfg["kernel_T"][-2:]
-    k = r["kernels"]["by_T"]
-    rows = [(f"chunked vs SDPA, fwd+bwd, T={mid}", k[mid]["sdpa (softmax)"]["vs_chunked"], ">=", 3.0),
-            (f"chunked vs SDPA, fwd+bwd, T={long}", k[long]["sdpa (softmax)"]["vs_chunked"], ">=", 6.0)]
-    if "fla naive chunk" in k[mid]:
-        rows += [(f"chunked vs fla naive chunk, T={mid}", k[mid]["fla naive chunk"]["vs_chunked"], ">=", 1.5),
-                 (f"chunked vs fla naive chunk, T={long}", k[long]["fla naive chunk"]["vs_chunked"], ">=", 2.0)]
-    rows += [(f"linear in T: time(T={long}) / time(T={mid})", r["kernels"]["scaling"]["ratio"], "<=", 4.5),
-             (f"fraction of matmul rate, T={long}", r["flops"]["fraction"], ">=", 0.35)]
-    rows += [(f"momentum step / linear step, T={T}", v["linear+momentum"]["vs_linear"], "<=", 1.10)
-             for T, v in r["training"].items()]
-    n32 = sorted(r["conversion"], key=lambda n: abs(n - 32))[0]
-    rows += [(f"finetune / convert, {n32} demonstrations", r["conversion"][n32]["finetune / convert"], ">=", 100.0),
-             ("converted per-query cost, most / no demonstrations", r["inference"]["converted hi/lo"], "<=", 1.2)]
+    rows = []
+    if "kernels" in r:
+        k = r["kernels"]["by_T"]
+        rows += [(f"chunked vs SDPA, fwd+bwd, T={mid}", k[mid]["sdpa (softmax)"]["vs_chunked"], ">=", 3.0),
+                 (f"chunked vs SDPA, fwd+bwd, T={long}", k[long]["sdpa (softmax)"]["vs_chunked"], ">=", 6.0)]
+        if "fla naive chunk" in k[mid]:
+            rows += [(f"chunked vs fla naive chunk, T={mid}", k[mid]["fla naive chunk"]["vs_chunked"], ">=", 1.5),
+                     (f"chunked vs fla naive chunk, T={long}", k[long]["fla naive chunk"]["vs_chunked"], ">=", 2.0)]
+        rows.append((f"linear in T: time(T={long}) / time(T={mid})", r["kernels"]["scaling"]["ratio"], "<=", 4.5))
+    if "flops" in r:
+        rows.append((f"fraction of matmul rate, T={long}", r["flops"]["fraction"], ">=", 0.35))
+    if "training" in r:
+        rows += [(f"momentum step / linear step, T={T}", v["linear+momentum"]["vs_linear"], "<=", 1.10)
+                 for T, v in r["training"].items()]
+    if "conversion" in r:
+        n32 = sorted(r["conversion"], key=lambda n: abs(n - 32))[0]
+        rows.append((f"finetune / convert, {n32} demonstrations", r["conversion"][n32]["finetune / convert"],
+                     ">=", 100.0))
+    if "inference" in r:
+        rows.append(("converted per-query cost, most / no demonstrations", r["inference"]["converted hi/lo"],
+                     "<=", 1.2))
+    if "recurrent" in r:
+        rows += recurrent_targets(cfg, r["recurrent"])
     return [{"target": name, "measured": value, "want": f"{op} {bound:g}",
              "met": value >= bound if op == ">=" else value <= bound} for name, value, op, bound in rows]
 
 
-def fmt_s(s: float) -> str:
-    return f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
+def kernels_table(cfg: dict, r: dict) -> list[str]:
+    k = r["kernels"]["by_T"]
+    names = list(k[cfg["kernel_T"][-2]])
+    lines = [f"**1. Attention forward+backward** (B={cfg['B']}, H={cfg['H']}, head dim {cfg['D']}, float32; "
+             f"chunk {CHUNK_SIZE}; median time, x = time / chunked)", "",
+             "| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for T, row in k.items():
+        cells = [f"{fmt_s(row[n]['median_s'])} ({row[n]['vs_chunked']:.1f}x)" if n in row else "-" for n in names]
+        lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    sweep = r["kernels"]["chunk_sweep"]
+    lines += ["", "Chunk size of the chunked kernel (forward+backward, median):", "",
+              "| T | " + " | ".join(f"C={C}" for C in cfg["chunks"]) + " |", "|---" * (len(cfg["chunks"]) + 1) + "|"]
+    return lines + [f"| {T} | " + " | ".join(fmt_s(row[C]) for C in cfg["chunks"]) + " |" for T, row in sweep.items()]
+
+
+def flops_table(cfg: dict, r: dict) -> list[str]:
+    f = r["flops"]
+    return [f"**2. Throughput**: chunked at T={f['T']}: {f['chunked_gflops']:.1f} GFLOP/s "
+            f"(3 x forward matmul FLOPs) vs torch.mm {f['mm_n']}^2: {f['mm_gflops']:.1f} GFLOP/s "
+            f"= {100 * f['fraction']:.0f}% of the matmul rate"]
+
+
+def training_table(cfg: dict, r: dict) -> list[str]:
+    lines = [f"**3. Training step** (quickstart size: {LM['n_layer']} layers, {LM['n_head']} heads, "
+             f"width {LM['n_embd']}; AdamW)", "",
+             "| T | B | model | step | tokens/s | peak RSS growth | vs linear |", "|---|---|---|---|---|---|---|"]
+    for T, row in r["training"].items():
+        for name, v in row.items():
+            mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f} MiB"
+            lines.append(f"| {T} | {v['B']} | {name} | {fmt_s(v['median_s'])} | {v['tokens_per_s']:,.0f} | {mem} "
+                         f"| {v['vs_linear']:.2f}x |")
+    return lines
+
+
+def conversion_table(cfg: dict, r: dict) -> list[str]:
+    lines = [f"**4. Conversion vs finetuning** (per episode; batched: {cfg['episodes']} episodes at once; "
+             "a demonstration is a key -> value pair)", "",
+             "| demos | convert | convert batched | finetune (SGD, batch 1) | finetune batched | finetune / convert "
+             "| batched / batched |", "|---|---|---|---|---|---|---|"]
+    for n, v in r["conversion"].items():
+        cells = (fmt_s(v[x]["median_s"]) for x in ("convert", "convert batched", "finetune", "finetune batched"))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {v['finetune / convert']:,.0f}x "
+                     f"| {v['finetune batched / convert batched']:,.0f}x |")
+    return lines
+
+
+def inference_table(cfg: dict, r: dict) -> list[str]:
+    inf = r["inference"]
+    lines = [f"**5. Inference per query** ({inf['queries']} queries of 2 tokens per call)", "",
+             "| demos | converted context | prompt |", "|---|---|---|"]
+    for n in cfg["shots"]:
+        per = inf["per_query_s"]
+        lines.append(f"| {n} | {fmt_s(per[f'converted {n}'])} | {fmt_s(per[f'prompted {n}'])} |")
+    return lines + ["", f"From {min(cfg['shots'])} to {max(cfg['shots'])} demonstrations the prompted cost grows "
+                    f"{inf['prompted hi/lo']:.1f}x, the converted {inf['converted hi/lo']:.2f}x."]
 
 
 def table(cfg: dict, r: dict) -> str:
@@ -290,48 +286,11 @@ def table(cfg: dict, r: dict) -> str:
     lines = [f"Machine: {m['machine']}; torch {m['torch']}, {m['threads']} threads; {m['environment']}; "
              f"load check, torch.mm 1024^2: {check}",
              f"Date: {m['date']}; command: `{m['command']}`; wall time {m['wall_s']:.0f} s"
-             + ("; QUICK smoke run, targets not meaningful" if m["quick"] else ""), ""]
-    k = r["kernels"]["by_T"]
-    names = list(k[cfg["kernel_T"][-2]])
-    lines += [f"**1. Attention forward+backward** (B={cfg['B']}, H={cfg['H']}, head dim {cfg['D']}, float32; "
-              f"chunk {CHUNK_SIZE}; median time, x = time / chunked)", "",
-              "| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for T, row in k.items():
-        cells = [f"{fmt_s(row[n]['median_s'])} ({row[n]['vs_chunked']:.1f}x)" if n in row else "-" for n in names]
-        lines.append(f"| {T} | " + " | ".join(cells) + " |")
-    sweep = r["kernels"]["chunk_sweep"]
-    lines += ["", "Chunk size of the chunked kernel (forward+backward, median):", "",
-              "| T | " + " | ".join(f"C={C}" for C in cfg["chunks"]) + " |", "|---" * (len(cfg["chunks"]) + 1) + "|"]
-    lines += [f"| {T} | " + " | ".join(fmt_s(row[C]) for C in cfg["chunks"]) + " |" for T, row in sweep.items()]
-    f = r["flops"]
-    lines += ["", f"**2. Throughput**: chunked at T={f['T']}: {f['chunked_gflops']:.1f} GFLOP/s "
-              f"(3 x forward matmul FLOPs) vs torch.mm {f['mm_n']}^2: {f['mm_gflops']:.1f} GFLOP/s "
-              f"= {100 * f['fraction']:.0f}% of the matmul rate", "",
-              f"**3. Training step** (quickstart size: {LM['n_layer']} layers, {LM['n_head']} heads, "
-              f"width {LM['n_embd']}; AdamW)", "",
-              "| T | B | model | step | tokens/s | peak RSS growth | vs linear |", "|---|---|---|---|---|---|---|"]
-    for T, row in r["training"].items():
-        for name, v in row.items():
-            mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f} MiB"
-            lines.append(f"| {T} | {v['B']} | {name} | {fmt_s(v['median_s'])} | {v['tokens_per_s']:,.0f} | {mem} "
-                         f"| {v['vs_linear']:.2f}x |")
-    lines += ["", f"**4. Conversion vs finetuning** (per episode; batched: {cfg['episodes']} episodes at once; "
-              "a demonstration is a key -> value pair)", "",
-              "| demos | convert | convert batched | finetune (SGD, batch 1) | finetune batched | finetune / convert "
-              "| batched / batched |", "|---|---|---|---|---|---|---|"]
-    for n, v in r["conversion"].items():
-        cells = (fmt_s(v[x]["median_s"]) for x in ("convert", "convert batched", "finetune", "finetune batched"))
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {v['finetune / convert']:,.0f}x "
-                     f"| {v['finetune batched / convert batched']:,.0f}x |")
-    inf = r["inference"]
-    lines += ["", f"**5. Inference per query** ({inf['queries']} queries of 2 tokens per call)", "",
-              "| demos | converted context | prompt |", "|---|---|---|"]
-    for n in cfg["shots"]:
-        per = inf["per_query_s"]
-        lines.append(f"| {n} | {fmt_s(per[f'converted {n}'])} | {fmt_s(per[f'prompted {n}'])} |")
-    lines += ["", f"From {min(cfg['shots'])} to {max(cfg['shots'])} demonstrations the prompted cost grows "
-              f"{inf['prompted hi/lo']:.1f}x, the converted {inf['converted hi/lo']:.2f}x.",
-              "", "**Targets**", "", "| target | measured | want | |", "|---|---|---|---|"]
+             + ("; QUICK smoke run, targets not meaningful" if m["quick"] else "")]
+    for key, (_, section_table) in SECTIONS.items():
+        if key in r:
+            lines += ["", *section_table(cfg, r)]
+    lines += ["", "**Targets**", "", "| target | measured | want | |", "|---|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {t['measured']:.2f} | {t['want']} | {'met' if t['met'] else 'NOT met'} |")
     return "\n".join(lines)
@@ -367,24 +326,33 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
 
 
+SECTIONS = {  # name: (run(cfg) -> results, table(cfg, all results) -> markdown lines)
+    "kernels": (bench_kernels, kernels_table), "flops": (bench_flops, flops_table),
+    "training": (bench_training, training_table), "conversion": (bench_conversion, conversion_table),
+    "inference": (bench_inference, inference_table),
+    "recurrent": (bench_recurrent, lambda cfg, r: recurrent_table(cfg, r["recurrent"])),
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run of every section")
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="run only these sections (default: all)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive_reference() is not None,
+                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive("linear_attn") is not None,
                   "mm_check_gflops": matmul_check(), "environment": knobs(),
                   "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                   "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
-    for key, fn in (("kernels", bench_kernels), ("flops", bench_flops), ("training", bench_training),
-                    ("conversion", bench_conversion), ("inference", bench_inference)):
-        r[key] = fn(cfg)
+    for key in args.sections:
+        r[key] = SECTIONS[key][0](cfg)
         print(f"[bench] {key} done at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r["targets"] = targets(cfg, r)
     r["meta"]["wall_s"] = time.perf_counter() - start

@@ -22,7 +22,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert elapsed < 30, f"quick mode took {elapsed:.0f} s"
 
     result = json.loads(out.read_text())
-    assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "targets"}
+    assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "recurrent", "targets"}
     assert result["meta"]["quick"] is True and result["meta"]["threads"] == 1
     for row in result["kernels"]["by_T"].values():
         assert {"chunked", "chunked (autograd, C=64)", "sdpa (softmax)"} <= set(row)
@@ -32,8 +32,14 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
         assert set(row) == {"linear", "linear+momentum", "softmax"}
         assert all(v["tokens_per_s"] > 0 for v in row.values())
     assert all(v["finetune / convert"] > 0 for v in result["conversion"].values())
+    assert set(result["recurrent"]) == {"retention", "simple_gla", "gla", "delta_rule"}
+    for kind, v in result["recurrent"].items():
+        mid, long = "64", "128"  # QUICK's middle and longest T (JSON keys are strings)
+        assert {"chunked", "recurrent"} <= set(v["by_T"][mid]) and set(v["by_T"][long]) == {"chunked"}
+        assert ("fla naive chunk" in v["by_T"][mid]) == (kind != "gla")  # fla has no naive chunked GLA
+        assert v["scaling"]["ratio"] > 0 and len(v["chunk_sweep"]) == 2
     targets = result["targets"]
-    assert len(targets) >= 8 and all(isinstance(t["met"], bool) for t in targets)
+    assert len(targets) >= 8 + 7 and all(isinstance(t["met"], bool) for t in targets)
 
     table = proc.stdout
     assert table.startswith("Machine: ") and "command: `python scripts/bench.py --quick" in table
@@ -41,3 +47,16 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     for t in targets:  # each target is a row that says met or NOT met
         assert any(line.startswith(f"| {t['target']} |") and line.rstrip().endswith(("| met |", "| NOT met |"))
                    for line in table.splitlines())
+
+
+def test_sections_runs_only_the_named_ones(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--threads", "1", "--sections", "recurrent",
+         "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"meta", "recurrent", "targets"}
+    assert all(t["target"].startswith(("retention", "simple_gla", "gla", "delta_rule")) for t in result["targets"])
+    assert "**6. Recurrent family" in proc.stdout and "**1. Attention" not in proc.stdout

@@ -1,6 +1,6 @@
 """Chunked causal linear attention (Katharopoulos et al. 2020) with a hand-written backward
-(`linear_attention_chunked_cpu`), and the chunking helpers every chunked op shares
-(`check_chunk_size`, `chunk_layout`, `pad_time`).
+(`linear_attention_chunked_cpu`). The chunking helpers every chunked op shares are in
+`chunking.py`.
 
 The normaliser rides along as an extra value column of ones: with v'_t = [v_t | 1] and the
 state U = [S | z] (so that U_T = U_0 + sum_t k_t v'_t^T), per chunk c of C tokens
@@ -34,28 +34,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def check_chunk_size(chunk_size: int) -> None:
-    """ValueError unless chunk_size is an integer >= 1."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1")
-
-
-def chunk_layout(T: int, chunk_size: int) -> tuple[int, int, int]:
-    """(C, N, pad) of a sequence of T tokens in chunks: the chunk length (chunk_size, or T when
-    shorter), the number of chunks, and the positions to append so that N * C = T + pad."""
-    C = min(chunk_size, max(T, 1))
-    N = -(-T // C)
-    return C, N, N * C - T
-
-
-def pad_time(x: Tensor, pad: int, dim: int = -2) -> Tensor:
-    """x with `pad` zeros appended along its time dimension `dim` (-2 for [..., T, D], -1 for [..., T])."""
-    if not pad:
-        return x
-    widths = (0, 0) * (-dim - 1) + (0, pad)
-    return torch.nn.functional.pad(x, widths)
 
 
 class _ChunkedLinearAttention(torch.autograd.Function):

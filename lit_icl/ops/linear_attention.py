@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_icl.ops.chunked_linear_attention import check_chunk_size, chunk_layout, linear_attention_chunked_cpu, pad_time
+from lit_icl.ops.chunked_linear_attention import linear_attention_chunked_cpu
+from lit_icl.ops.chunking import check_chunk_size, chunk_layout, pad_time
 from lit_icl.ops.fla_linear_attention import linear_attention_fla, use_fla
 
 CHUNK_SIZE = 32  # default chunk length, chosen by the chunk-size sweep of scripts/bench.py (README)

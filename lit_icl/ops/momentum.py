@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_icl.ops.chunked_linear_attention import check_chunk_size, chunk_layout, pad_time
+from lit_icl.ops.chunking import check_chunk_size, chunk_layout, pad_time
 
 
 def _initial(v: Tensor, state: Tensor | None) -> Tensor:
