@@ -188,9 +188,9 @@ def check_ckpt_path(argv: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-icl`` (``args`` defaults to ``sys.argv[1:]``): fit, validate, test
-    and predict through LightningCLI; convert and generate from `lit_icl.commands`."""
+    and predict through LightningCLI; convert, generate and data from `lit_icl.commands`."""
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in ("convert", "generate"):
+    if argv and argv[0] in ("convert", "generate", "data"):
         from lit_icl.commands import run
 
         run(argv[0], argv[1:])

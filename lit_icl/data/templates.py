@@ -19,13 +19,15 @@ that the ICL callback evaluates like the synthetic tasks':
   of those of ``k + 1``.
 
 Demonstrations and queries differ in length, so the episodes are left-padded (``shot_index``
-``-1`` and ``query_mask`` 0 at padding).
+``-1`` and ``query_mask`` 0 at padding). A DataModule keeps its tasks in a
+:class:`TemplateTaskSet`, which builds each task's episodes once and serves them again.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -34,7 +36,7 @@ from lit_icl.data.episodes import Episodes
 from lit_icl.data.sources import load_source
 from lit_icl.data.synthetic import stream_generator
 
-__all__ = ["TemplateEpisodes", "TemplateTask"]
+__all__ = ["TemplateEpisodes", "TemplateTask", "TemplateTaskSet"]
 
 QUERIES, DEMOS = 0, 1  # streams of a task's seed
 
@@ -132,6 +134,13 @@ class TemplateEpisodes:
             )
         return [str(t) for t in data[task.text_field]], labels
 
+    def format(self, text: str, label: str | None = None) -> str:
+        """The template filled with ``text`` and ``label``'s word (a demonstration), or, without a
+        label, up to the label without the whitespace before it (a query)."""
+        prefix, space, suffix = self.task.parts
+        query = prefix.replace("{text}", text)
+        return query if label is None else query + space + self.task.verbalizer[label] + suffix
+
     def candidates(self, tokenizer: Tokenizer) -> dict[str, int]:
         """label -> the first token of its word as it follows the query (the candidates)."""
         _, space, _ = self.task.parts
@@ -167,17 +176,13 @@ class TemplateEpisodes:
         """``num_episodes`` episodes of ``n_shots`` demonstrations, tokenized by ``tokenizer``."""
         if n_shots < 0 or num_episodes < 1:
             raise ValueError(f"heldout_episodes: need n_shots >= 0 and num_episodes >= 1, got {n_shots}, {num_episodes}")
-        prefix, space, suffix = self.task.parts
-        words, first = self.task.verbalizer, self.candidates(tokenizer)
+        first = self.candidates(tokenizer)
         order = torch.randperm(len(self.eval_labels), generator=stream_generator(self.task.seed, QUERIES)).tolist()
         queries = [order[i % len(order)] for i in range(num_episodes)]
         rows = [self.demonstration_rows(n_shots, i) for i in range(num_episodes)]
-        demo_texts = [
-            prefix.replace("{text}", self.train_texts[r]) + space + words[self.train_labels[r]] + suffix
-            for shots in rows for r in shots
-        ]
+        demo_texts = [self.format(self.train_texts[r], self.train_labels[r]) for shots in rows for r in shots]
         demo_ids = iter([e.ids for e in tokenizer.encode_batch(demo_texts)])
-        query_texts = [prefix.replace("{text}", self.eval_texts[q]) for q in queries]
+        query_texts = [self.format(self.eval_texts[q]) for q in queries]
         return Episodes.from_lists(
             demos=[[next(demo_ids) for _ in shots] for shots in rows],
             queries=[e.ids for e in tokenizer.encode_batch(query_texts)],
@@ -185,3 +190,51 @@ class TemplateEpisodes:
             candidates=list(first.values()),
             pad_id=pad_id,
         )
+
+
+class TemplateTaskSet:
+    """A DataModule's template tasks by name: each task's examples are loaded on first use and its
+    episodes built once per ``(task, n_shots, num_episodes)``, so every evaluation sees the same.
+
+    Args:
+        templates: :class:`TemplateTask` objects or their keyword dicts (as a config gives them).
+        owner: the DataModule's name, for error messages.
+        cache_dir: the ``datasets`` cache of the tasks' sources (its default when ``None``).
+    """
+
+    def __init__(self, templates: Sequence[TemplateTask | dict], owner: str, cache_dir: str | None = None) -> None:
+        self.tasks = [t if isinstance(t, TemplateTask) else TemplateTask(**t) for t in templates]
+        names = self.names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"{owner}: template task names {names} must be distinct")
+        self.owner, self.cache_dir = owner, cache_dir
+        self._examples: dict[str, TemplateEpisodes] = {}
+        self._episodes: dict[tuple[str, int, int], Episodes] = {}
+
+    def names(self) -> list[str]:
+        """The task names, in order."""
+        return [t.name for t in self.tasks]
+
+    def as_dicts(self) -> list[dict]:
+        """The tasks as plain dicts (for hyperparameters and checkpoints)."""
+        return [asdict(t) for t in self.tasks]
+
+    def examples(self, name: str) -> TemplateEpisodes:
+        """Task ``name``'s train and eval examples (loaded on first use)."""
+        if name not in self._examples:
+            task = next(t for t in self.tasks if t.name == name)
+            self._examples[name] = TemplateEpisodes(task, cache_dir=self.cache_dir)
+        return self._examples[name]
+
+    def episodes(self, tokenizer: Tokenizer, n_shots: int, num_episodes: int, task: str | None = None,
+                 pad_id: int = 0) -> Episodes:
+        """Task ``task``'s (the first task's when ``None``) episodes; the same on every call."""
+        names = self.names()
+        if not names:
+            raise ValueError(f"{self.owner}: no held-out tasks; set data.init_args.templates to evaluate ICL")
+        if task is not None and task not in names:
+            raise ValueError(f"heldout_episodes: task={task!r}; allowed: {names}")
+        key = (task or names[0], n_shots, num_episodes)
+        if key not in self._episodes:
+            self._episodes[key] = self.examples(key[0]).episodes(tokenizer, n_shots, num_episodes, pad_id=pad_id)
+        return self._episodes[key]

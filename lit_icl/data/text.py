@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
@@ -47,9 +46,10 @@ from torch.utils.data import DataLoader
 
 from lit_icl.data.batches import ResumableBatches
 from lit_icl.data.episodes import Episodes
+from lit_icl.data.fetch import default_cache_dir
 from lit_icl.data.sources import load_source, local_files
 from lit_icl.data.synthetic import check_at_least
-from lit_icl.data.templates import TemplateEpisodes, TemplateTask
+from lit_icl.data.templates import TemplateTask, TemplateTaskSet
 from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, save_tokenizer, tokenizer_sha, train_bpe
 from lit_icl.files import load_checkpoint
 
@@ -146,23 +146,19 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"{owner}: val_fraction must be in (0, 1), got {val_fraction}")
         if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
             raise ValueError(f"{owner}: tokenizer_path {tokenizer_path!r} is not a file")
-        self.templates = [t if isinstance(t, TemplateTask) else TemplateTask(**t) for t in templates]
-        names = [t.name for t in self.templates]
-        if len(set(names)) != len(names):
-            raise ValueError(f"{owner}: template task names {names} must be distinct")
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.tasks = TemplateTaskSet(templates, owner, cache_dir=os.path.join(self.cache_dir, "hf"))
+        self.templates = self.tasks.tasks
         self.save_hyperparameters(ignore=["templates"])
-        self.hparams["templates"] = [asdict(t) for t in self.templates]  # plain dicts in checkpoints
+        self.hparams["templates"] = self.tasks.as_dicts()  # plain dicts in checkpoints
         self.corpus, self.corpus_config, self.text_field = corpus, corpus_config, text_field
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.block_size, self._vocab_size, self.min_frequency = block_size, vocab_size, min_frequency
         self.tokenizer_path, self.num_proc, self.seed = tokenizer_path, num_proc, seed
         self.batch_size, self.num_workers, self.num_heldout = batch_size, num_workers, num_heldout
-        self.cache_dir = cache_dir or os.environ.get("LIT_ICL_CACHE") or os.path.expanduser("~/.cache/lit_icl")
         self.built: list[str] = []  # what this process built rather than loaded from the cache
         self._tokenizer: Tokenizer | None = None
         self._blocks: dict[str, Any] = {}
-        self._tasks: dict[str, TemplateEpisodes] = {}
-        self._episodes: dict[tuple[str, int, int], Episodes] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -289,8 +285,8 @@ class TextDataModule(pl.LightningDataModule):
         """Build the cache (local rank 0 of each node): corpus, tokenizer, tokens, blocks; and
         load the template tasks' datasets (a hub dataset downloads here)."""
         self._build()
-        for task in self.templates:
-            self._task(task.name)
+        for name in self.tasks.names():
+            self.tasks.examples(name)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cache (built by ``prepare_data``), and write ``tokenizer.json`` into the
@@ -337,13 +333,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def heldout_tasks(self) -> list[str]:
         """The names of the template tasks, in order."""
-        return [t.name for t in self.templates]
-
-    def _task(self, name: str) -> TemplateEpisodes:
-        if name not in self._tasks:
-            task = next(t for t in self.templates if t.name == name)
-            self._tasks[name] = TemplateEpisodes(task, cache_dir=os.path.join(self.cache_dir, "hf"))
-        return self._tasks[name]
+        return self.tasks.names()
 
     def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes:
         """Template task ``task``'s episodes (the first task's when ``None``), tokenized by the
@@ -354,12 +344,5 @@ class TextDataModule(pl.LightningDataModule):
             num_episodes: number of episodes (validation examples); ``num_heldout`` when ``None``.
             task: one of :meth:`heldout_tasks`, or ``None``.
         """
-        names = self.heldout_tasks()
-        if not names:
-            raise ValueError("TextDataModule: no held-out tasks; set data.init_args.templates to evaluate ICL")
-        if task is not None and task not in names:
-            raise ValueError(f"heldout_episodes: task={task!r}; allowed: {names}")
-        key = (task or names[0], n_shots, self.num_heldout if num_episodes is None else num_episodes)
-        if key not in self._episodes:
-            self._episodes[key] = self._task(key[0]).episodes(self.tokenizer, *key[1:], pad_id=self.tokenizer.token_to_id(EOS))
-        return self._episodes[key]
+        num_episodes = self.num_heldout if num_episodes is None else num_episodes
+        return self.tasks.episodes(self.tokenizer, n_shots, num_episodes, task, pad_id=self.tokenizer.token_to_id(EOS))

