@@ -36,6 +36,21 @@ def load_module(path: str) -> tuple[LitTransformerLM, dict]:
     return module.eval(), checkpoint
 
 
+def checkpoint_tokenizer(checkpoint: dict):
+    """The tokenizer a checkpoint's run used: a TextDataModule's (saved in the checkpoint), else
+    the pretrained model's own (``tokenizer.json`` beside its weights), else None."""
+    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
+    pretrained = checkpoint.get("hyper_parameters", {}).get("pretrained")
+    if tokenizer is None and pretrained:
+        from tokenizers import Tokenizer
+
+        from lit_icl.data.template_data import tokenizer_file
+        from lit_icl.module import model_directory
+
+        tokenizer = Tokenizer.from_file(tokenizer_file(model_directory(pretrained)))
+    return tokenizer
+
+
 def read_demos(path: str, tokenizer) -> list[list[int]]:
     """Token ids of each line of a JSONL demonstration file."""
     if not Path(path).is_file():
@@ -87,7 +102,7 @@ def convert_main(args: list[str]) -> None:
     if (cfg.out is None) == (cfg.bake is None):
         raise ValueError("give exactly one of --out (a context file) and --bake (a checkpoint)")
     module, checkpoint = load_module(cfg.ckpt)
-    ids, mask = left_pad(read_demos(cfg.demos, TextDataModule.tokenizer_from_checkpoint(checkpoint)))
+    ids, mask = left_pad(read_demos(cfg.demos, checkpoint_tokenizer(checkpoint)))
     state = convert(module.model, ids, attention_mask=mask, mode=cfg.mode,
                     num_features=cfg.num_features, seed=cfg.seed)
     if cfg.out is not None:
@@ -115,7 +130,7 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     cfg = parser.parse_args(args)
     module, checkpoint = load_module(cfg.ckpt)
-    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint)
     if (cfg.prompt is None) == (cfg.input_ids is None):
         raise ValueError("give exactly one of --prompt and --input_ids")
     if cfg.prompt is not None and tokenizer is None:

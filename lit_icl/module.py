@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import asdict
 from functools import partial
 from typing import Any, Mapping
@@ -37,6 +38,18 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def model_directory(spec: str) -> str:
+    """The local directory of a pretrained model: ``spec`` itself, or for a named model of
+    ``lit-icl data list`` (e.g. ``smollm2-135m``) its cached copy, fetched on first use."""
+    if os.path.exists(os.path.expanduser(spec)):
+        return os.path.expanduser(spec)
+    from lit_icl.data.named import SOURCES, resolve
+
+    if spec in SOURCES and SOURCES[spec].kind == "model":
+        return resolve(spec)
+    return spec  # from_hf names what is missing
 
 
 def pretrained_config(given: TransformerConfig | Mapping, loaded: TransformerConfig) -> TransformerConfig:
@@ -121,7 +134,7 @@ class LitTransformerLM(pl.LightningModule):
         if pretrained is None:
             self.model = TransformerLM(config)
         else:
-            self.model = TransformerLM.from_hf(pretrained).train()
+            self.model = TransformerLM.from_hf(model_directory(pretrained)).train()
             cfg = pretrained_config(config, self.model.config)
             if cfg != self.model.config:
                 tuned = TransformerLM(cfg)

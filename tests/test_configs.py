@@ -14,6 +14,7 @@ from tests.textdata import write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
+NEEDS_PRETRAINED = {"smollm2_icl.yaml"}  # a named model (a 93 MB download): a tiny local Llama instead
 NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml", "real_tasks.yaml"}  # required, or a named source (no download in tests)
 
 
@@ -22,11 +23,30 @@ def test_configs_exist():
                                         "label_mapping.yaml", "mixture.yaml", "text_momentum.yaml", "templates.yaml"}
 
 
+def tiny_pretrained(root: Path) -> Path:
+    """A random 2-layer Llama (transformers, save_pretrained) with a 300-token BPE tokenizer.json
+    beside it: what a config's `pretrained` / `tokenizer` get instead of a real download."""
+    import transformers
+
+    from lit_icl.data.tokenizer import save_tokenizer, train_bpe
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    transformers.LlamaForCausalLM(config).save_pretrained(root)
+    words = "Review: Sentiment: Headline: Topic: negative positive business entertainment politics sport tech"
+    save_tokenizer(train_bpe([words] * 20, vocab_size=300), str(root / "tokenizer.json"))
+    return root
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default logger / checkpoint dirs are relative
     monkeypatch.setattr(sys, "argv", ["lit-icl"])  # parse only the args given below
+    monkeypatch.setenv("LIT_ICL_CACHE", str(tmp_path / "cache"))  # nothing is fetched: see the end
     extra = ["--data.init_args.corpus", str(write_corpus(tmp_path / "corpus.txt"))] if path.name in NEEDS_CORPUS else []
+    if path.name in NEEDS_PRETRAINED:
+        model = tiny_pretrained(tmp_path / "model")
+        extra = ["--model.pretrained", str(model), "--data.init_args.tokenizer", str(model)]
     cli = build_cli(["--config", str(path), *extra], run=False)
     assert isinstance(cli.model, LitTransformerLM) and isinstance(cli.trainer, pl.Trainer)
     assert isinstance(cli.datamodule, pl.LightningDataModule) and callable(cli.datamodule.heldout_episodes)
@@ -34,6 +54,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
     assert cli.model.config.block_size >= cli.datamodule.seq_len
     assert cli.trainer.checkpoint_callback.dirpath is None, "resolved per run by lit-icl fit: checkpoints/<run_name>/"
     assert cli.trainer.checkpoint_callback.save_last
+    assert not (tmp_path / "cache" / "sources").exists(), "building a config downloads nothing"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
