@@ -15,6 +15,13 @@ SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL); `hp/<pred
 (largest shot count) for TensorBoard's hparams view; a figure of accuracy against the number of
 demonstrations; and `icl/eval_seconds`. A table is printed when fitting ends.
 
+With `untrained_baseline`, the same episodes also run on an untrained model of the same
+architecture, and its Rec2FTP, SimAOU (and random baseline) and SimAM figures, with its
+zero-shot / prompted / finetuned accuracies, are logged with the suffix `_untrained`
+(`icl/simaou_untrained/k=4`, ...): Deutch et al. (NAACL 2024, "In-context learning and gradient
+descent revisited") found that untrained models reach ICL-vs-GD similarity scores comparable to
+trained ones, so a similarity figure means little without this baseline next to it.
+
 The DataModule provides `heldout_episodes(n_shots, num_episodes=None) -> Episodes`, the same
 episodes on every call, so successive evaluations are comparable. Under DDP each rank takes a
 strided share of the episodes and the torchmetrics states are reduced across ranks. The
@@ -23,6 +30,7 @@ training model is handed back as it was: parameters, mode and the global RNG are
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -70,7 +78,7 @@ class EpisodeRuns:
     finetuned), which the callback logs so that the evaluation's cost can be read per part."""
 
     def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict,
-                 approximate: dict[str, dict] | None = None):
+                 approximate: dict[str, dict] | None = None, converted: bool = True):
         approximate = approximate or {}
         names = prediction_names(model, list(approximate))
         self.seconds: dict[str, float] = {}
@@ -91,7 +99,7 @@ class EpisodeRuns:
         self.outputs["prompted"] = [a[:, -1] for a in pr.attn_outputs]
         self.scores["prompted"] = [s[..., -Q:] for s in pr.attn_scores]
         with self.timed("convert"):
-            for name, kwargs in [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
+            for name, kwargs in [] if not converted else [(names[2], {})] + [(f"converted_{m}", kw) for m, kw in approximate.items()]:
                 state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)
                 self.logits[name] = model.run(query, state=state, attention_mask=qmask, logits_at="last").logits[:, -1]
         with self.timed("finetune"):
@@ -109,6 +117,9 @@ class EpisodeRuns:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+UNTRAINED_PREDICTIONS = ("zero_shot", "prompted", "finetuned")  # what the untrained baseline runs
 
 
 class ICLMetrics(torch.nn.Module):
@@ -135,18 +146,21 @@ class ICLMetrics(torch.nn.Module):
         icl_update = [i - z for i, z in zip(icl, zs)]
         self.simaou.update(icl_update, [f - z for f, z in zip(ft, zs)])
         self.simaou_random.update(icl_update, random_updates)
-        self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"])
-        self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"])
+        self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"], episodes.query_mask)
+        self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"], episodes.query_mask)
 
     def compute(self) -> dict[str, float]:
         """Accuracies `<prediction>_acc`; the exact conversion's `max_abs_logit_diff` and
-        `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended."""
+        `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended;
+        with an untrained baseline (`self.untrained`), its metrics with `_untrained` appended."""
         row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
         for i, (name, error) in enumerate(self.errors.items()):
             err, suffix = error.compute(), "" if i == 0 else "_" + name.removeprefix("converted_")
             row[f"max_abs_logit_diff{suffix}"], row[f"rel_logit_err{suffix}"] = float(err["max_abs"]), float(err["relative"])
         for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
             row[name] = float(getattr(self, name).compute())
+        if getattr(self, "untrained", None) is not None:
+            row.update({f"{name}_untrained": v for name, v in self.untrained.compute().items()})
         return row
 
 
@@ -186,6 +200,11 @@ class ICLConversionCallback(Callback):
             (stop at start, naming task, shots and lengths) or "drop" (drop that episode's
             longest demonstrations until it fits; the count is reported and logged as
             icl/dropped_demos/k=<shots>).
+        untrained_baseline: also evaluate an untrained model of the same architecture (zero-shot,
+            prompted, finetuned; no conversion) and log its metrics with the suffix `_untrained`.
+            Its weights: those of the model when fit starts (before any checkpoint is restored),
+            or, for a pretrained model (`pretrained` in the module's hparams) and outside fit,
+            the model class's own initialisation drawn from `seed`.
     """
 
     def __init__(
@@ -201,6 +220,7 @@ class ICLConversionCallback(Callback):
         num_features: int = 256,
         seed: int = 0,
         too_long: str = "error",
+        untrained_baseline: bool = False,
     ):
         if not shots or any(int(k) < 0 for k in shots):
             raise ValueError(f"shots={list(shots)} must be a non-empty list of counts >= 0")
@@ -221,6 +241,8 @@ class ICLConversionCallback(Callback):
         self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.seed = seed
         self.too_long = too_long
+        self.untrained_baseline = untrained_baseline
+        self.untrained: TransformerLM | None = None
         self.validations = 0
         self.declared_hparams = False
         self.episodes: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the checked episodes
@@ -235,6 +257,19 @@ class ICLConversionCallback(Callback):
                 f"ICLConversionCallback needs the whole model on every rank (it converts, copies and "
                 f"finetunes it), but strategy {name} shards it; use strategy ddp"
             )
+        if self.untrained_baseline and stage == "fit" and not getattr(pl_module.hparams, "pretrained", None):
+            # setup runs before a checkpoint is restored: these are the initial weights (a resumed
+            # run re-draws them from the same seed when it builds the module)
+            self.untrained = copy.deepcopy(pl_module.model).cpu()
+
+    def untrained_model(self, model: TransformerLM) -> TransformerLM:
+        """The untrained baseline of `model`: the weights kept at the start of fit, else a fresh
+        TransformerLM of the same config initialised from `seed` (the global RNG is untouched)."""
+        if self.untrained is None or self.untrained.config != model.config:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.untrained = TransformerLM(model.config)
+        return self.untrained
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare(trainer.datamodule, pl_module.model.config.block_size)
@@ -344,12 +379,21 @@ class ICLConversionCallback(Callback):
         episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
         approximate = self.approximate if model.config.attention == "softmax" else {}
         metrics = ICLMetrics(model.config.n_layer, prediction_names(model, list(approximate))).to(device)
+        base = None
+        if self.untrained_baseline:
+            base = self.untrained_model(model).to(device)
+            metrics.untrained = ICLMetrics(model.config.n_layer, UNTRAINED_PREDICTIONS).to(device)
         with evaluating(model):
             for sl, group in batches(episodes, self.batch_size):
                 runs = EpisodeRuns(model, group, self.finetune_kwargs, approximate)
                 start = time.perf_counter()
                 metrics.update(runs, group, [r[sl].to(device) for r in randoms])
                 runs.seconds["metrics"] = time.perf_counter() - start
+                if base is not None:
+                    with evaluating(base):
+                        untrained = EpisodeRuns(base, group, self.finetune_kwargs, converted=False)
+                    metrics.untrained.update(untrained, group, [r[sl].to(device) for r in randoms])
+                    runs.seconds["untrained"] = sum(untrained.seconds.values())
                 for phase, v in runs.seconds.items():
                     seconds[phase] = seconds.get(phase, 0.0) + v
         return metrics
