@@ -39,15 +39,19 @@ def log(message: str) -> None:
 
 class Store:
     """DIR/NAME.json: the experiment's config and every finished run, rewritten atomically after
-    each run. A stored run is returned instead of run again; a different config starts afresh."""
+    each run. A stored run is returned instead of run again; a config that differs in more than
+    `free` (fields that change which runs there are, not what a run computes: seeds, shot
+    counts, pairs) starts afresh."""
 
-    def __init__(self, out: Path, name: str, config: dict):
+    def __init__(self, out: Path, name: str, config: dict, free: tuple[str, ...] = ()):
         self.path = out / f"{name}.json"
         self.data = {"experiment": name, "config": config, "runs": {}}
+        self.reused = False  # whether earlier runs of this config were found (else leftovers are stale)
         if self.path.exists():
             old = json.loads(self.path.read_text())
-            if old.get("config") == config:
-                self.data = old
+            same = lambda c: {k: v for k, v in c.items() if k not in free}  # noqa: E731
+            if same(old.get("config", {})) == same(config):
+                self.data, self.reused = {**old, "config": config}, True
             else:
                 log(f"{self.path}: another configuration; its {len(old.get('runs', {}))} runs are not reused")
         self.data["command"] = "python scripts/reproduce.py " + shlex.join(sys.argv[1:])
@@ -93,16 +97,29 @@ def run_experiment(name: str, args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     mod = module(name)
     config = mod.config(name, args)
-    store = Store(out, name, config)
+    store = Store(out, name, config, mod.FREE[name])
     start = time.perf_counter()
     mod.run(name, store, out)
     store.data["summary"] = mod.summarize(name, store.data)
     store.data["wall_seconds"] = round(sum(r["seconds"] for r in store.runs.values()), 1)
     store.data["figures"] = mod.figures(name, store.data, out)
     store.save()
-    (out / f"{name}.md").write_text(mod.report(name, store.data) + "\n")
+    (out / f"{name}.md").write_text(mod.report(name, store.data) + "\n\n" + size_note(name, store.data) + "\n")
     log(f"{name}: {out / (name + '.md')}, {store.path} ({time.perf_counter() - start:.0f} s this call)")
     return store.data
+
+
+def size_note(name: str, data: dict) -> str:
+    """What a run changed from the experiment's full size, and the command of the full size."""
+    cfg, full = data["config"], module(name).full_config(name)
+    if cfg.get("quick"):
+        return "This is the `--quick` smoke version (tiny random model, toy data): its numbers mean nothing."
+    reduced = [f"{k} {cfg[k]} (full: {full[k]})" for k in full if cfg.get(k) != full[k]]
+    if not reduced:
+        return f"This is the full size: `python scripts/reproduce.py {name} --out DIR`."
+    return (f"**Reduced size.** On this machine (2 CPU cores shared with other jobs; no GPU) the full size did not fit "
+            f"the time available, so this run used {', '.join(reduced)}. The full size is the default: "
+            f"`python scripts/reproduce.py {name} --out DIR` (a GPU is picked up when there is one).")
 
 
 def readme_block(out: Path, readme: Path) -> str:
@@ -118,7 +135,7 @@ def readme_block(out: Path, readme: Path) -> str:
             parts += [f"### {name}", "", f"Not run yet: `python scripts/reproduce.py {name} --out {rel}`.", ""]
             continue
         data = json.loads(path.read_text())
-        parts += [module(name).readme_section(name, data, rel), ""]
+        parts += [module(name).readme_section(name, data, rel), "", size_note(name, data), ""]
     return "\n".join(parts + [README_END])
 
 

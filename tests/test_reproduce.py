@@ -87,7 +87,7 @@ def test_untrained_baseline_of_a_given_model_is_a_seeded_fresh_init():
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2]) and not torch.equal(w[0], w[3])
 
 
-def reproduce(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def reproduce(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args], capture_output=True,
                             text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -112,6 +112,12 @@ def test_quick_momentum(quick_dir):
     assert "| softmax | eta = 0.5 |" in (quick_dir / "momentum.md").read_text()
     again = reproduce("momentum", "--quick", "--out", str(quick_dir))
     assert again.stderr.count("done earlier") == 8 and "Seed set" not in again.stderr
+    fewer = reproduce("momentum", "--quick", "--out", str(quick_dir), "--seeds", "2")  # seeds only pick runs
+    assert fewer.stderr.count("done earlier") == 4 and "Seed set" not in fewer.stderr
+    assert json.loads((quick_dir / "momentum.json").read_text())["summary"]["linear-eta0"]["ppl"] == \
+        summary["linear-eta0"]["ppl"][1:]
+    other = reproduce("momentum", "--quick", "--out", str(quick_dir), "--steps", "2")  # another size: afresh
+    assert "runs are not reused" in other.stderr and other.stderr.count("Seed set") == 8
 
 
 def test_quick_icl_vs_ft(quick_dir):
