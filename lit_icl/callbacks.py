@@ -19,6 +19,13 @@ SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL); `hp/<pred
 (largest shot count) for TensorBoard's hparams view; a figure of accuracy against the number of
 demonstrations; and `icl/eval_seconds`. A table is printed when fitting ends.
 
+With `untrained_baseline`, the same episodes also run on an untrained model of the same
+architecture, and its Rec2FTP, SimAOU (and random baseline) and SimAM figures, with its
+zero-shot / prompted / finetuned accuracies, are logged with the suffix `_untrained`
+(`icl/simaou_untrained/k=4`, ...): Deutch et al. (NAACL 2024, "In-context learning and gradient
+descent revisited") found that untrained models reach ICL-vs-GD similarity scores comparable to
+trained ones, so a similarity figure means little without this baseline next to it.
+
 The DataModule follows the `HeldoutEpisodes` protocol (and `HeldoutTasks` to report several tasks
 each on its own): the same episodes on every call, so successive evaluations are comparable. Under DDP each rank takes a
 strided share of the episodes and the torchmetrics states are reduced across ranks. The
@@ -27,6 +34,7 @@ training model is handed back as it was: parameters, mode and the global RNG are
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -90,8 +98,8 @@ def conversions(model: TransformerLM, approximate: dict[str, dict] | None = None
 
 def prediction_names(converted: Sequence[Conversion]) -> list[str]:
     """zero_shot, prompted, the exact conversion, finetuned, then the approximate conversions."""
-    exact, *approximate = (c.name for c in converted)
-    return ["zero_shot", "prompted", exact, "finetuned", *approximate]
+    names = [c.name for c in converted]  # none for the untrained baseline, which converts nothing
+    return ["zero_shot", "prompted", *names[:1], "finetuned", *names[1:]]
 
 
 class EpisodeRuns:
@@ -103,8 +111,8 @@ class EpisodeRuns:
     finetuned), which the callback logs so that the evaluation's cost can be read per part."""
 
     def __init__(self, model: TransformerLM, episodes: Episodes, finetune_kwargs: dict,
-                 approximate: dict[str, dict] | None = None):
-        converted = conversions(model, approximate)
+                 approximate: dict[str, dict] | None = None, convert_context: bool = True):
+        converted = conversions(model, approximate) if convert_context else []
         self.seconds: dict[str, float] = {}
         query, qmask, Q = episodes.query_ids, episodes.query_mask, episodes.query_ids.shape[1]
         with self.timed("zero_shot"):
@@ -168,18 +176,21 @@ class ICLMetrics(torch.nn.Module):
         icl_update = [i - z for i, z in zip(icl, zs)]
         self.simaou.update(icl_update, [f - z for f, z in zip(ft, zs)])
         self.simaou_random.update(icl_update, random_updates)
-        self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"])
-        self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"])
+        self.simam_icl_ft.update(runs.scores["prompted"], runs.scores["finetuned"], episodes.query_mask)
+        self.simam_icl_zsl.update(runs.scores["prompted"], runs.scores["zero_shot"], episodes.query_mask)
 
     def compute(self) -> dict[str, float]:
         """Accuracies `<prediction>_acc`; the exact conversion's `max_abs_logit_diff` and
-        `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended."""
+        `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended;
+        with an untrained baseline (`self.untrained`), its metrics with `_untrained` appended."""
         row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
         for name, error in self.errors.items():
             err, suffix = error.compute(), self.suffixes[name]
             row[f"max_abs_logit_diff{suffix}"], row[f"rel_logit_err{suffix}"] = float(err["max_abs"]), float(err["relative"])
         for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
             row[name] = float(getattr(self, name).compute())
+        if getattr(self, "untrained", None) is not None:
+            row.update({f"{name}_untrained": v for name, v in self.untrained.compute().items()})
         return row
 
 
@@ -219,6 +230,11 @@ class ICLConversionCallback(Callback):
             (stop at start, naming task, shots and lengths) or "drop" (drop that episode's
             longest demonstrations until it fits; the count is reported and logged as
             icl/dropped_demos/k=<shots>).
+        untrained_baseline: also evaluate an untrained model of the same architecture (zero-shot,
+            prompted, finetuned; no conversion) and log its metrics with the suffix `_untrained`.
+            Its weights: those of the model when fit starts (before any checkpoint is restored),
+            or, for a pretrained model (`pretrained` in the module's hparams) and outside fit,
+            the model class's own initialisation drawn from `seed`.
     """
 
     def __init__(
@@ -234,6 +250,7 @@ class ICLConversionCallback(Callback):
         num_features: int = 256,
         seed: int = 0,
         too_long: str = "error",
+        untrained_baseline: bool = False,
     ):
         if not shots or any(int(k) < 0 for k in shots):
             raise ValueError(f"shots={list(shots)} must be a non-empty list of counts >= 0")
@@ -255,6 +272,8 @@ class ICLConversionCallback(Callback):
         self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.seed = seed
         self.too_long = too_long
+        self.untrained_baseline = untrained_baseline
+        self.untrained: TransformerLM | None = None
         self.validations = 0
         self.declared_hparams = False
         self.episodes: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the checked episodes
@@ -269,6 +288,19 @@ class ICLConversionCallback(Callback):
                 f"ICLConversionCallback needs the whole model on every rank (it converts, copies and "
                 f"finetunes it), but strategy {name} shards it; use strategy ddp"
             )
+        if self.untrained_baseline and stage == "fit" and not getattr(pl_module.hparams, "pretrained", None):
+            # setup runs before a checkpoint is restored: these are the initial weights (a resumed
+            # run re-draws them from the same seed when it builds the module)
+            self.untrained = copy.deepcopy(pl_module.model).cpu()
+
+    def untrained_model(self, model: TransformerLM) -> TransformerLM:
+        """The untrained baseline of `model`: the weights kept at the start of fit, else a fresh
+        TransformerLM of the same config initialised from `seed` (the global RNG is untouched)."""
+        if self.untrained is None or self.untrained.config != model.config:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.untrained = TransformerLM(model.config)
+        return self.untrained
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare(trainer.datamodule, pl_module.model.config.block_size)
@@ -381,12 +413,21 @@ class ICLConversionCallback(Callback):
         randoms = self._random_updates(len(everything), model.config, trainer)
         episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
         metrics = ICLMetrics(model.config.n_layer, conversions(model, self.approximate)).to(device)
+        base = None
+        if self.untrained_baseline:
+            base = self.untrained_model(model).to(device)
+            metrics.untrained = ICLMetrics(model.config.n_layer, []).to(device)
         with evaluating(model):
             for sl, group in batches(episodes, self.batch_size):
                 runs = EpisodeRuns(model, group, self.finetune_kwargs, self.approximate)
                 start = time.perf_counter()
                 metrics.update(runs, group, [r[sl].to(device) for r in randoms])
                 runs.seconds["metrics"] = time.perf_counter() - start
+                if base is not None:
+                    with evaluating(base):
+                        untrained = EpisodeRuns(base, group, self.finetune_kwargs, convert_context=False)
+                    metrics.untrained.update(untrained, group, [r[sl].to(device) for r in randoms])
+                    runs.seconds["untrained"] = sum(untrained.seconds.values())
                 for phase, v in runs.seconds.items():
                     seconds[phase] = seconds.get(phase, 0.0) + v
         return metrics

@@ -123,12 +123,18 @@ class SimAM(_LayerCosine):
     attention-score vectors (pre-softmax q.k/sqrt(d); phi(q).phi(k) for linear attention) of the
     query's last token over the query's own tokens (demonstrations excluded), averaged over
     heads, examples, then layers. With a one-token query the vectors have one entry and the
-    cosine is its sign."""
+    cosine is its sign.
 
-    def update(self, scores_a: list[Tensor], scores_b: list[Tensor]) -> None:
-        """Per layer, scores [N, H, Q] over the query's Q tokens."""
+    Left-padded queries: `query_mask` [N, Q] (1 = real token) restricts each cosine to the
+    query's real tokens. Without it, a softmax model's scores at padding positions (q.k of the
+    padding token's key, which the attention itself masks out) would enter the cosine."""
+
+    def update(self, scores_a: list[Tensor], scores_b: list[Tensor], query_mask: Tensor | None = None) -> None:
+        """Per layer, scores [N, H, Q] over the query's Q tokens; query_mask [N, Q] or None."""
+        keep = None if query_mask is None else query_mask.bool()[:, None, :]
         cos = [
-            F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12).mean(dim=1)
+            F.cosine_similarity(*(s.double() if keep is None else s.double().masked_fill(~keep, 0.0) for s in (a, b)),
+                                dim=-1, eps=1e-12).mean(dim=1)
             for a, b in zip(scores_a, scores_b, strict=True)
         ]
         self._add(torch.stack(cos))

@@ -1,0 +1,167 @@
+"""scripts/reproduce.py and what it needs in the framework: SimAM over a padded query's real
+tokens only, the ICL callback's untrained-model baseline (Deutch et al., 2024), and the three
+experiments' --quick versions end to end (tiny models, self-written data, no download),
+including that a rerun skips finished runs and that the README section is generated."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_icl.callbacks import ICLConversionCallback
+from lit_icl.data import AssociativeRecallDataModule
+from lit_icl.data.episodes import Episodes
+from lit_icl.metrics import SimAM
+from lit_icl.model import TransformerConfig, TransformerLM
+from lit_icl.module import LitTransformerLM
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMILARITY = ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl")
+
+
+def softmax_model(seed: int) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(TransformerConfig(vocab_size=20, n_layer=2, n_head=2, n_embd=16, block_size=32,
+                                           attention="softmax", position="rope")).eval()
+
+
+def test_simam_compares_a_left_padded_query_over_its_real_tokens():
+    queries = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    ep = Episodes.from_lists([[[1, 2]]] * 3, queries, [5, 5, 5], [5, 6], pad_id=0)
+    a, b = softmax_model(0), softmax_model(1)
+    padded = [m.run(ep.query_ids, attention_mask=ep.query_mask, need_attn=True).attn_scores for m in (a, b)]
+    masked, unmasked, alone = SimAM(2), SimAM(2), SimAM(2)
+    masked.update(*padded, ep.query_mask)
+    unmasked.update(*padded)
+    for q in queries:  # each query by itself: no padding at all
+        ids = torch.tensor([q])
+        alone.update(*[m.run(ids, need_attn=True).attn_scores for m in (a, b)])
+    assert torch.allclose(masked.compute(), alone.compute(), atol=1e-6)
+    assert not torch.allclose(unmasked.compute(), alone.compute(), atol=1e-3), "padding scores used to enter the cosine"
+
+
+def tiny_fit(tmp_path, cb, seed=0):
+    dm = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=2, num_train=64, num_val=16,
+                                     num_heldout=12, batch_size=16)
+    torch.manual_seed(seed)
+    module = LitTransformerLM(TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16,
+                                                block_size=32, attention="softmax"))
+    initial = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = pl.Trainer(max_steps=4, val_check_interval=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[cb])
+    trainer.fit(module, datamodule=dm)
+    return trainer, module, initial
+
+
+def test_untrained_baseline_is_the_initial_weights_and_logged_next_to_the_trained_figures(tmp_path):
+    cb = ICLConversionCallback(shots=[0, 2], batch_size=6, untrained_baseline=True)
+    trainer, module, initial = tiny_fit(tmp_path, cb)
+    kept = dict(cb.untrained.named_parameters())
+    assert all(torch.equal(kept[n], p) for n, p in initial.items()), "the weights at the start of fit"
+    assert any(not torch.equal(kept[n], p) for n, p in module.model.named_parameters()), "the model trained"
+    for name in SIMILARITY + ("prompted_acc",):
+        assert f"icl/{name}_untrained/k=2" in trainer.callback_metrics, name
+    row = cb.results[2]
+    assert row["simaou_untrained"] != row["simaou"] and -1 <= row["simam_icl_ft_untrained"] <= 1
+    plain = ICLConversionCallback(shots=[0, 2], batch_size=6)
+    trainer2, _, _ = tiny_fit(tmp_path, plain)
+    assert not any(k.endswith("_untrained/k=2") for k in trainer2.callback_metrics)
+    assert plain.results[2] == {k: v for k, v in row.items() if not k.endswith("_untrained")}, \
+        "the trained figures do not change with the baseline on"
+
+
+def test_untrained_baseline_of_a_given_model_is_a_seeded_fresh_init():
+    model = softmax_model(5)
+    rng = torch.get_rng_state()
+    first = ICLConversionCallback(seed=3, untrained_baseline=True).untrained_model(model)
+    second = ICLConversionCallback(seed=3, untrained_baseline=True).untrained_model(model)
+    other = ICLConversionCallback(seed=4, untrained_baseline=True).untrained_model(model)
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG is left alone"
+    assert first.config == model.config
+    w = [m.blocks[0].attn.k_proj.weight for m in (first, second, other, model)]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2]) and not torch.equal(w[0], w[3])
+
+
+def reproduce(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), *args], capture_output=True,
+                            text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reproduce")
+
+
+def test_quick_momentum(quick_dir):
+    reproduce("momentum", "--quick", "--out", str(quick_dir))
+    data = json.loads((quick_dir / "momentum.json").read_text())
+    assert len(data["runs"]) == 8 and (quick_dir / "momentum.png").stat().st_size > 0
+    for run in data["runs"].values():
+        assert {"attention", "eta", "seed", "seconds"} <= set(run) and run["result"]["val_ppl"] > 1
+        assert run["result"]["curves"]["val/ppl"][-1][0] == data["config"]["steps"] - 1
+    summary = data["summary"]
+    assert summary["linear-eta0.5"]["ppl"] != summary["linear-eta0"]["ppl"], "momentum changes the model"
+    assert "| softmax | eta = 0.5 |" in (quick_dir / "momentum.md").read_text()
+    again = reproduce("momentum", "--quick", "--out", str(quick_dir))
+    assert again.stderr.count("done earlier") == 8 and "Seed set" not in again.stderr
+    fewer = reproduce("momentum", "--quick", "--out", str(quick_dir), "--seeds", "2")  # seeds only pick runs
+    assert fewer.stderr.count("done earlier") == 4 and "Seed set" not in fewer.stderr
+    assert json.loads((quick_dir / "momentum.json").read_text())["summary"]["linear-eta0"]["ppl"] == \
+        summary["linear-eta0"]["ppl"][1:]
+    other = reproduce("momentum", "--quick", "--out", str(quick_dir), "--steps", "2")  # another size: afresh
+    assert "runs are not reused" in other.stderr and other.stderr.count("Seed set") == 8
+
+
+def test_quick_icl_vs_ft(quick_dir):
+    reproduce("icl-vs-ft", "--quick", "--out", str(quick_dir))
+    data = json.loads((quick_dir / "icl-vs-ft.json").read_text())
+    cfg, runs = data["config"], data["runs"]
+    assert {f"lr-{t}-{lr:g}" for t in cfg["tasks"] for lr in cfg["lr_grid"]} <= set(runs)
+    for task in cfg["tasks"]:
+        for k in cfg["shots"]:
+            row = runs[f"{task}-k{k}"]["result"]
+            assert runs[f"{task}-k{k}"]["lr"] in cfg["lr_grid"]
+            for name in SIMILARITY:
+                assert name in row and f"{name}_untrained" in row
+            if k:
+                assert row["rel_logit_err"] < 1e-4, "the KV prefix is exact"
+                assert row["rel_logit_err_taylor"] > row["rel_logit_err"]
+                assert row["simaou_untrained"] != row["simaou"]
+    text = (quick_dir / "icl-vs-ft.md").read_text()
+    assert "| paper (GPT 1.3B / 2.7B) |" in text and "chosen" in text
+
+
+def test_quick_iclaa_and_the_readme_section(quick_dir, tmp_path):
+    reproduce("iclaa", "--quick", "--out", str(quick_dir))
+    data = json.loads((quick_dir / "iclaa.json").read_text())
+    s = data["summary"]
+    assert len(data["runs"]) == data["config"]["pairs"]
+    assert s["kv"]["rel_err"]["mean"] < 1e-4 and s["kv"]["agree"]["mean"] == 1.0
+    assert s["none"]["rel_err"]["mean"] > s["kv"]["rel_err"]["mean"]
+    assert {"taylor", "prf8", "prf32"} <= set(s)
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro\n")
+    reproduce("readme", "--out", str(quick_dir), "--readme", str(readme))
+    first = readme.read_text()
+    assert first.startswith("# Title\n\nintro\n") and first.count("reproduce:begin") == 1
+    assert "| softmax | eta = 0.5 |" in first and "| kv |" in first and "SimAM(ICL,FT)" in first
+    readme.write_text(first + "\n## After\n")
+    reproduce("readme", "--out", str(quick_dir), "--readme", str(readme))
+    assert readme.read_text() == first + "\n## After\n", "the marked block is replaced, the rest kept"
+
+
+def test_bad_arguments(tmp_path):
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "icl-vs-ft", "--quick", "--out",
+                          str(tmp_path), "--tasks", "sst2"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--tasks ['sst2']: unknown; allowed: ['bbc', 'mr']" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "momentum", "--out", str(tmp_path),
+                          "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--steps=0 must be >= 1" in bad.stderr
