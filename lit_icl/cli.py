@@ -101,6 +101,12 @@ class LitICLCLI(LightningCLI):
                 logger.init_args["version"] = run
         self.run_name = run
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(_root_message(err)) from err
+
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with a progress bar that does not print "Epoch 0/-2" for step-bounded runs."""
         trainer_config = self._get(self.config_init, "trainer", default={})
