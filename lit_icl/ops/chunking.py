@@ -1,5 +1,7 @@
-"""What every chunked attention form shares: chunk padding, within-chunk cumulative log gates,
-the state scan across chunks, and the checks of the carried state.
+"""What every chunked attention form shares (linear attention, momentum, the recurrent family):
+chunk layout and padding (`check_chunk_size`, `chunk_layout`, `pad_time`, `to_chunks`), the
+within-chunk cumulative log gates, the state scan across chunks, segments of bounded size, and
+the checks of the carried state.
 
 A chunked form splits the time axis into N chunks of C tokens (the last one zero-padded),
 computes everything local to a chunk for all chunks at once, and carries the state from chunk
@@ -12,7 +14,8 @@ Long sequences run as consecutive segments of L tokens (`in_segments`, a multipl
 state carried from one to the next (the split-and-resume identity): every temporary is then
 at most a fixed number of elements (`SEGMENT_ELEMENTS`), so time grows linearly in T. Whole-
 sequence temporaries would not: above 32 MiB glibc's malloc maps fresh pages for every tensor
-and returns them when it is freed, and the page faults cost more than the arithmetic.
+and returns them when it is freed, and the page faults cost more than the arithmetic. (The
+outputs and the inputs' gradients stay whole-sequence tensors, as they must.)
 
 The padding is neutral for every kind in this package: a zero key adds nothing to the state
 (S += k v^T = 0), a zero log gate decays nothing (exp(0) = 1), a zero beta writes nothing.
@@ -93,7 +96,9 @@ def segment_length(C: int, rows: int, width: int) -> int:
     return max(1, SEGMENT_ELEMENTS // (rows * width * C)) * C
 
 
-def in_segments(fn: Callable[..., tuple[Tensor, Tensor]], L: int, S0: Tensor, *xs: Tensor) -> tuple[Tensor, Tensor]:
+def in_segments(
+    fn: Callable[..., tuple[Tensor, Tensor]], L: int, S0: Tensor, *xs: Tensor
+) -> tuple[Tensor, Tensor]:
     """fn(S, *pieces) -> (o, S) over consecutive L-token pieces of every x (time at dim 2), the
     state carried across; the outputs concatenated. split (not slicing) keeps the backward linear."""
     if xs[0].shape[2] <= L:
