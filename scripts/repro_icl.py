@@ -294,7 +294,7 @@ def compare_pair(model, tokenizer, context: list[int], prompt: list[int], cfg: d
     prompted = model(torch.cat([c, p], 1))[:, len(context):]
     row = {"rel_err": {}, "agree": {}, "continuation": {}}
     if generate_too:
-        full = generate(model, torch.cat([c, p], 1), cfg["new_tokens"])[0, len(context) + len(prompt):]
+        full = generate(model, torch.cat([c, p], 1), cfg["new_tokens"])[0]  # the new tokens only
         row["continuation"] = {"context (end)": tokenizer.decode(context[-24:]), "prompt": tokenizer.decode(prompt),
                                "prompted": tokenizer.decode(full.tolist())}
     for name, kwargs in modes(cfg).items():
@@ -303,7 +303,7 @@ def compare_pair(model, tokenizer, context: list[int], prompt: list[int], cfg: d
         row["rel_err"][name] = float((prompted - logits).norm() / prompted.norm())
         row["agree"][name] = float((prompted.argmax(-1) == logits.argmax(-1)).float().mean())
         if generate_too and name in ("none", "taylor", f"prf{max(cfg['features'])}", "kv"):
-            new = generate(model, p, cfg["new_tokens"], state=state)[0, len(prompt):]
+            new = generate(model, p, cfg["new_tokens"], state=state)[0]
             row["continuation"][name] = tokenizer.decode(new.tolist())
     return row
 

@@ -200,9 +200,12 @@ def findings(data: dict) -> str:
     corpus = "a toy corpus" if cfg["quick"] else "the 5 MB shakespeare corpus"
     return ("Here " + "; ".join(parts) + ". The paper reports -0.8% (15.14 -> 15.02) for a 350M softmax "
             "Transformer trained on a large corpus and evaluated at 1024 tokens. Our models are three orders of "
-            f"magnitude smaller ({scale(data)}), trained on {corpus} with {cfg['block_size']}-token contexts, where an "
-            "EMA of the values mostly adds a local (recent-token) feature that token shift and the short context "
-            "already provide. A difference of the size of the seed-to-seed spread is not a finding either way.")
+            f"magnitude smaller ({scale(data)}), trained on {corpus} with {cfg['block_size']}-token contexts. A "
+            "plausible reading of a difference between the two kinds: the EMA is a fixed recency-weighted average of "
+            "the values; linear attention cannot concentrate on recent tokens by itself (its kernel weights spread "
+            "over the whole prefix), softmax attention can, so the EMA has more to add to linear attention. Dai et al. "
+            "report softmax models only. "
+            "A difference of the size of the seed-to-seed spread is not a finding either way.")
 
 
 def report(name: str, data: dict) -> str:
