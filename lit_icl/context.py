@@ -87,6 +87,7 @@ class ContextState:
         `convert` starts from. Random parts (ICLAA's random features, `num_features` of them)
         are drawn from one generator seeded with `seed`, layer after layer."""
         mode = model.modes[0] if mode is None else mode
+        model.check_mode(mode)
         dtype = next(model.parameters()).dtype
         generator = torch.Generator().manual_seed(seed)
         layers = [mixer.empty_state(batch, mode, device, dtype, num_features=num_features, generator=generator)
@@ -163,8 +164,7 @@ def fingerprint(model: TransformerLM) -> str:
 
 def check_layers(model: TransformerLM, mode: str, names: list[set[str]]) -> None:
     """ValueError unless `mode` fits the model and each layer holds the tensors it needs."""
-    if mode not in model.modes:
-        raise ValueError(f"state mode {mode!r} does not fit {model.config.attention} attention (allowed: {model.modes})")
+    model.check_mode(mode)
     if len(names) != model.config.n_layer:
         raise ValueError(f"state has {len(names)} layers, the model has {model.config.n_layer}")
     for i, (mixer, held) in enumerate(zip(model.mixers, names)):
@@ -212,7 +212,7 @@ def convert(
     if not isinstance(model, TransformerLM):
         raise TypeError(f"model must be a TransformerLM, got {type(model).__name__}")
     mode = model.modes[0] if mode is None else mode
-    model.mixers[0].check_mode(mode)
+    model.check_mode(mode)
     if state is None:
         state = ContextState.empty(model, demo_ids.shape[0], mode, demo_ids.device, num_features, seed)
     elif state.mode != mode:

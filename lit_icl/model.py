@@ -23,7 +23,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,8 @@ class TransformerConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 256
-    attention: str = "linear"  # a registered mixer (lit_icl.mixers.MIXERS): "linear" | "softmax"
+    attention: Union[str, list[str]] = "linear"  # a registered mixer (lit_icl.mixers.MIXERS): "linear" |
+    # "softmax" | "retention" | "simple_gla" | "gla" | "deltanet"; or one per layer (a hybrid stack)
     feature_map: str = "elu"  # linear attention's phi: "elu" | "relu" | "taylor"
     momentum: float = 0.0  # eta of momentum attention (Dai et al. 2023); 0 = off
     position: str = "learned"  # "learned" | "rope" | "none"
@@ -76,8 +77,14 @@ class TransformerConfig:
             raise ValueError(
                 f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
             )
-        if self.attention not in MIXERS:
-            raise ValueError(f"attention={self.attention!r}; allowed: {list(MIXERS)}")
+        if not isinstance(self.attention, str):
+            self.attention = list(self.attention)
+            if len(self.attention) != self.n_layer:
+                raise ValueError(f"attention={self.attention!r} names {len(self.attention)} layers; "
+                                 f"n_layer={self.n_layer} needs one kind per layer (or one name for all)")
+        for kind in self.kinds:
+            if kind not in MIXERS:
+                raise ValueError(f"attention={kind!r}; allowed: {list(MIXERS)}, or a list of these, one per layer")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r}; allowed: {sorted(FEATURE_MAPS)}")
         if self.position not in POSITIONS:
@@ -93,7 +100,7 @@ class TransformerConfig:
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
         grouped = [name for name, mixer in MIXERS.items() if mixer.grouped_query]
-        if self.kv_heads != self.n_head and self.attention not in grouped:
+        if self.kv_heads != self.n_head and not set(self.kinds) <= set(grouped):
             allowed = " or ".join(repr(name) for name in grouped)
             raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention={allowed}")
         if self.norm not in NORMS:
@@ -104,6 +111,11 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's attention kind."""
+        return (self.attention,) * self.n_layer if isinstance(self.attention, str) else tuple(self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -149,10 +161,10 @@ class Block(nn.Module):
            └────────────────────────────────────────────────────┘  └─────────────┘
     """
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, kind: str):
         super().__init__()
         self.ln_1 = make_norm(cfg)
-        self.attn = MIXERS[cfg.attention](cfg)
+        self.attn = MIXERS[kind](cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -174,7 +186,7 @@ class TransformerLM(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.kinds)
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
@@ -214,8 +226,19 @@ class TransformerLM(nn.Module):
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The conversion modes of this model's attention; the first is exact (the default)."""
-        return self.blocks[0].attn.modes
+        """The conversion modes of this model; the first is exact (the default). A stack of one
+        kind has its mixer's modes; a hybrid has "exact" (each layer's exact state) and every
+        layer's other modes, which apply to the layers that have them (the others stay exact)."""
+        per_layer = [mixer.modes for mixer in self.mixers]
+        if all(modes == per_layer[0] for modes in per_layer):
+            return per_layer[0]
+        return ("exact", *dict.fromkeys(mode for modes in per_layer for mode in modes[1:]))
+
+    def check_mode(self, mode: str) -> None:
+        """ValueError unless `mode` is one of `modes`."""
+        if mode not in self.modes:
+            kinds = "/".join(dict.fromkeys(self.config.kinds))
+            raise ValueError(f"mode={mode!r} is not available for {kinds} attention; allowed: {list(self.modes)}")
 
     def forward(
         self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None, check: bool = True

@@ -5,6 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network from a test
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own calls, not ours
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from lit_icl.data import AssociativeRecallDataModule
+from lit_icl.mixers import MIXERS
 from lit_icl.model import TransformerConfig, TransformerLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,28 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -
     """A `model_config(**overrides)` TransformerLM in `dtype` and eval mode, weights from `seed`."""
     torch.manual_seed(seed)
     return TransformerLM(model_config(**overrides)).to(dtype).eval()
+
+
+HYBRIDS = (["gla", "softmax"], ["deltanet", "simple_gla"], ["retention", "linear"])  # 2-layer mixed stacks
+
+
+def exact_grid() -> list[dict]:
+    """Every model setting whose conversion is exact, one grid over the registry: each kind x
+    position x momentum (linear also x feature map), token shift, and hybrid stacks. A new
+    registered kind is covered by the exactness tests without touching them."""
+    grid = []
+    for kind in MIXERS:
+        maps = ("elu", "relu", "taylor") if kind == "linear" else ("elu",)
+        grid += [dict(attention=kind, feature_map=fm, position=pos, momentum=eta)
+                 for fm, pos, eta in itertools.product(maps, ("learned", "rope", "none"), (0.0, 0.6))]
+        grid += [dict(attention=kind, position=pos, momentum=0.6, token_shift=True) for pos in ("learned", "rope")]
+    return grid + [dict(attention=h, position="rope", momentum=eta) for h in HYBRIDS for eta in (0.0, 0.6)]
+
+
+def setting_id(kw) -> str:
+    """A test id for a settings dict or an attention kind (a list joins as gla+softmax)."""
+    values = kw.values() if isinstance(kw, dict) else [kw]
+    return "-".join("+".join(v) if isinstance(v, list) else str(v) for v in values)
 
 
 def pytest_configure(config):

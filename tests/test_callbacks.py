@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_icl.callbacks import EpisodeRuns, ICLConversionCallback, format_summary
 from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.finetune import finetune
-from tests.conftest import model_config
+from lit_icl.mixers import MIXERS
+from tests.conftest import HYBRIDS, model_config, setting_id
 from lit_icl.module import LitTransformerLM
 
 HERE = Path(__file__).resolve().parent
@@ -33,14 +34,14 @@ def trainer(tmp_path, callbacks=(), logger=False, **kw):
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks), **kw)
 
 
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("attention", [*MIXERS, *HYBRIDS], ids=setting_id)
 def test_callback_logs_every_metric_per_shot_count(tmp_path, attention):
     module, dm = tiny(attention, momentum=0.5)
     cb = ICLConversionCallback(shots=[0, 1, 4], batch_size=10)
     t = trainer(tmp_path, [cb])
     t.fit(module, datamodule=dm)
     assert cb.validations == 2 and set(cb.results) == {0, 1, 4}
-    conv = "converted" if attention == "linear" else "converted_kv"
+    conv = "converted_kv" if attention == "softmax" else "converted"
     for k in (0, 1, 4):
         row = cb.results[k]
         assert row["prompted_acc"] == row[f"{conv}_acc"]  # exact conversion: same argmax
@@ -50,7 +51,7 @@ def test_callback_logs_every_metric_per_shot_count(tmp_path, attention):
             assert f"icl/{name}/k={k}" in t.callback_metrics, name
     zero = cb.results[0]  # no demonstrations: all four predictions are the query alone
     assert zero["zero_shot_acc"] == zero["prompted_acc"] == zero["finetuned_acc"]
-    if attention == "softmax":  # approximate conversion next to the exact KV prefix
+    if "softmax" in attention:  # approximate conversion next to the exact KV prefix
         for mode in ("taylor", "prf"):
             assert f"icl/converted_{mode}_acc/k=4" in t.callback_metrics
             assert cb.results[4][f"rel_logit_err_{mode}"] > cb.results[4]["rel_logit_err"]

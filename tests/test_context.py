@@ -1,27 +1,14 @@
 """Exact conversion: prompted logits == converted logits, for every exact combination."""
-import itertools
 
 import pytest
 import torch
 
 from lit_icl import ContextState, TransformerConfig, TransformerLM, bake, convert
-from tests.conftest import tiny_model
+from tests.conftest import exact_grid, setting_id, tiny_model
 
 V = 40
-EXACT = [
-    dict(attention="linear", feature_map=fm, position=pos, momentum=eta)
-    for fm, pos, eta in itertools.product(["elu", "relu", "taylor"], ["learned", "rope", "none"], [0.0, 0.6])
-] + [
-    dict(attention="softmax", position=pos, momentum=eta)
-    for pos, eta in itertools.product(["learned", "rope", "none"], [0.0, 0.6])
-] + [
-    dict(attention=att, feature_map="elu", position=pos, momentum=0.6, token_shift=True)
-    for att, pos in itertools.product(["linear", "softmax"], ["learned", "rope"])
-]
-
-
-def ids(cfg_id):
-    return "-".join(str(v) for v in cfg_id.values())
+EXACT = exact_grid()
+ids = setting_id
 
 
 def make(dtype=torch.float64, seed=0, **kw):
@@ -126,7 +113,7 @@ def test_context_plus_query_longer_than_block_size():
         model(tokens(1, 5), state=state)
 
 
-@pytest.mark.parametrize("kw", [EXACT[0], EXACT[-1]], ids=ids)
+@pytest.mark.parametrize("kw", EXACT, ids=ids)
 def test_save_load_round_trip(tmp_path, kw):
     model = make(**kw)
     demo, query = tokens(2, 9), tokens(2, 4)

@@ -43,7 +43,9 @@ def test_reference_is_plain_sgd_batch_size_one():
         torch.testing.assert_close(dict(tuned.named_parameters())[n], dict(ref.named_parameters())[n])
 
 
-@pytest.mark.parametrize("attention,params", [("linear", "kv"), ("linear", "all"), ("softmax", "attention")])
+@pytest.mark.parametrize("attention,params", [("linear", "kv"), ("linear", "all"), ("softmax", "attention"),
+                                              ("retention", "kv"), ("simple_gla", "all"), ("gla", "all"),
+                                              ("deltanet", "attention"), (["gla", "softmax"], "kv")])
 def test_batched_equals_loop(attention, params):
     m, d = model(attention, momentum=0.4), demos()
     mask = torch.ones_like(d)

@@ -4,7 +4,8 @@ import torch
 
 from lit_icl import convert
 from lit_icl.generate import generate
-from tests.conftest import tiny_model
+from lit_icl.mixers import MIXERS
+from tests.conftest import HYBRIDS, setting_id, tiny_model
 
 V = 30
 
@@ -20,9 +21,11 @@ def naive_greedy(m, ids, n):
     return ids[:, -n:]
 
 
-@pytest.mark.parametrize("kw", [dict(attention="linear", momentum=0.5, token_shift=True),
-                                dict(attention="linear", feature_map="taylor", position="rope"),
-                                dict(attention="softmax", momentum=0.3, token_shift=True)])
+DECODING = [dict(attention=kind, momentum=eta, token_shift=True) for kind in [*MIXERS, *HYBRIDS] for eta in (0.0, 0.5)]
+
+
+@pytest.mark.parametrize("kw", DECODING + [dict(attention="linear", feature_map="taylor", position="rope")],
+                         ids=setting_id)
 def test_greedy_with_context_equals_prompting(kw):
     m = model(**kw)
     demo, prompt = torch.randint(1, V, (3, 12)), torch.randint(1, V, (3, 4))

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lit_icl import TransformerConfig, TransformerLM
-from tests.conftest import model_config
+from lit_icl.mixers import MIXERS
+from lit_icl.ops import delta_rule_recurrent, gla_recurrent
+from tests.conftest import HYBRIDS, model_config, setting_id
 
 V = 30
 
@@ -28,6 +30,9 @@ def cfg(**kw):
         (dict(chunk_size=0), "chunk_size=0 must be a positive integer"),
         (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
         (dict(n_embd=6, n_head=2, position="rope"), "rope' needs an even head size, got 3"),
+        (dict(attention=["gla", "softmax", "gla"]), "names 3 layers; n_layer=2 needs one kind per layer"),
+        (dict(attention=["gla", "mamba"]), "attention='mamba'; allowed"),
+        (dict(attention="gla", n_kv_head=1), "n_kv_head=1 .grouped-query attention. needs attention='softmax'"),
     ],
 )
 def test_config_errors_name_the_field(kw, message):
@@ -35,7 +40,10 @@ def test_config_errors_name_the_field(kw, message):
         cfg(**kw)
 
 
-@pytest.mark.parametrize("attention", ["linear", "softmax"])
+KINDS = [*MIXERS, *HYBRIDS]
+
+
+@pytest.mark.parametrize("attention", KINDS, ids=setting_id)
 def test_logits_shape_and_chunk_size_invariance(attention):
     torch.manual_seed(0)
     model = TransformerLM(cfg(attention=attention, momentum=0.3)).double()
@@ -49,7 +57,7 @@ def test_logits_shape_and_chunk_size_invariance(attention):
 
 def test_causal():
     """Changing a later token never changes earlier logits."""
-    for attention in ("linear", "softmax"):
+    for attention in KINDS:
         torch.manual_seed(0)
         model = TransformerLM(cfg(attention=attention, momentum=0.5, position="rope")).double()
         x = torch.randint(0, V, (1, 12))
@@ -86,6 +94,29 @@ def test_linear_scores_are_the_kernel():
     k = attn.phi(attn.k_proj(h).view(1, 5, 2, 8).transpose(1, 2))
     torch.testing.assert_close(out.attn_scores[0], (q[:, :, -1:] @ k.transpose(-1, -2))[:, :, 0])
     assert (out.attn_scores[0] > 0).all()
+
+
+@pytest.mark.parametrize("attention", ["retention", "simple_gla", "gla", "deltanet"])
+def test_recurrent_scores_are_the_weights_of_the_parallel_form(attention):
+    """The last output of the recurrence, before its output norm, is sum_i score_i v_i: the
+    scores SimAM compares are the weights the recurrent layer gives each earlier token (gated
+    kinds: q.k times the decay since the key; DeltaNet: q.k over its written values)."""
+    torch.manual_seed(0)
+    model = TransformerLM(cfg(attention=attention, position="none")).double()
+    x = torch.randint(0, V, (2, 9))
+    scores = model.run(x, need_attn=True).attn_scores[0]
+    attn, h = model.blocks[0].attn, model.blocks[0].ln_1(model.wte(x))
+    q, k, v = (p(h).view(2, 9, 2, 8).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.featurize(q, k, None)
+    if attention == "deltanet":  # the written values u_i = S_i^T k_i - S_{i-1}^T k_i, i.e. v_i -> beta_i (v_i - S^T k_i)
+        beta = attn.b_proj(h).sigmoid().transpose(1, 2)
+        o, _ = delta_rule_recurrent(q, k, v, beta)
+        S = [delta_rule_recurrent(q[:, :, :t], k[:, :, :t], v[:, :, :t], beta[:, :, :t])[1] for t in range(10)]
+        v = torch.stack([((S[t + 1] - S[t]) * k[:, :, t, :, None]).sum(2) for t in range(9)], 2)
+    else:
+        g = attn.gates(h, None)
+        o, _ = gla_recurrent(q, k, v, g if g.dim() == 4 else g[..., None].expand_as(k))
+    torch.testing.assert_close((scores[..., None] * v).sum(2), o[:, :, -1], rtol=1e-10, atol=1e-12)
 
 
 def test_bad_inputs():

@@ -10,8 +10,8 @@ ICML, Algorithm 1): every state is a small dataclass of batch-first tensors that
 shapes, how to start empty, and how to move, select rows and save.
 
 Adding an attention kind = a `State` dataclass, a `Mixer` subclass with `states` (conversion
-mode -> state class, the exact mode first), `mix` and, if it changes q and k, `featurize`; then
-`@register("name")`. The model, `lit_icl.context`, `lit_icl.generate` and the ICL callback
+mode -> state class, the exact mode first), `mix` and, if it changes q and k, `featurize` (and
+`scores`, if its attention weights are not q.k); then `@register("name")`. The model, `lit_icl.context`, `lit_icl.generate` and the ICL callback
 reach it only through these methods.
 """
 from __future__ import annotations
@@ -153,6 +153,7 @@ class Mixer(nn.Module):
 
     states: ClassVar[dict[str, type[State]]] = {}
     grouped_query: ClassVar[bool] = False
+    kind: ClassVar[str] = ""  # the name it is registered under
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -176,11 +177,17 @@ class Mixer(nn.Module):
         """q, k as the op reads them (linear attention: phi(q), phi(k) with padding keys zeroed)."""
         return q, k
 
-    def mix(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: State | None,
+    def mix(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: State | None,
             need_state: bool) -> tuple[Tensor, State | None]:
-        """(o [B, H, T, D], the mixer's state after the input) from q [B, H, T, *], k, v
-        [B, H_kv, T, *] and the carried state (None: no context)."""
+        """(o [B, H, T, D], the mixer's state after the input) from the block input x [B, T, C]
+        (for data-dependent gates), q [B, H, T, *], k, v [B, H_kv, T, *] and the carried state
+        (None: no context)."""
         raise NotImplementedError
+
+    def scores(self, x: Tensor, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """The last position's attention weights over the input's keys [B, H, T], what SimAM
+        compares (Dai et al. 2023): by default score_scale * q_T.k_i (before any softmax)."""
+        return (q[:, :, -1:] @ repeat_kv(k, self.cfg.n_head).transpose(-1, -2))[:, :, 0] * self.score_scale
 
     def forward(self, x: Tensor, state: LayerState | None, run: Pass) -> MixerOutput:
         cfg, (B, T, C) = self.cfg, x.shape
@@ -189,27 +196,26 @@ class Mixer(nn.Module):
         if cfg.position == "rope":
             q, k = rope(q, run.positions, cfg.rope_theta), rope(k, run.positions, cfg.rope_theta)
         q, k = self.featurize(q, k, run.mask)
-        o, new = self.mix(q, k, v, run.mask, None if state is None else state.mixer, run.need_state)
+        o, new = self.mix(x, q, k, v, run.mask, None if state is None else state.mixer, run.need_state)
         momentum = None
         if cfg.momentum > 0:  # MoAttn = Attn + sum_{i<t} eta^{t-i} v_i (Dai et al. 2023)
             prior = None if state is None or state.momentum is None else state.momentum.m
             term, c = momentum_chunked(v, cfg.momentum, prior, run.mask, cfg.chunk_size)
             o, momentum = o + repeat_kv(term, cfg.n_head), MomentumState(c)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, C))
-        scores = None
-        if run.need_attn:
-            scores = (q[:, :, -1:] @ repeat_kv(k, cfg.n_head).transpose(-1, -2))[:, :, 0] * self.score_scale
+        scores = self.scores(x, q, k, run.mask) if run.need_attn else None
         return MixerOutput(y, LayerState(new, momentum) if run.need_state else None, scores)
 
-    # -- the states of this mixer, by conversion mode ------------------------------------
-    def check_mode(self, mode: str) -> None:
-        if mode not in self.states:
-            raise ValueError(f"mode={mode!r} is not available for {self.cfg.attention} attention; "
-                             f"allowed: {list(self.modes)}")
+    # -- the states of this mixer, by the model's conversion mode (TransformerLM.check_mode) --
+    def layer_mode(self, mode: str) -> str:
+        """This layer's mode when the model converts in `mode`: `mode` where the layer has it,
+        else the layer's exact mode (a hybrid's recurrent layers stay exact when its softmax
+        layers convert approximately)."""
+        return mode if mode in self.states else self.modes[0]
 
     def state_shapes(self, mode: str) -> Shapes:
         """Every tensor of a block's `mode` state (mixer and momentum), without the batch."""
-        self.check_mode(mode)
+        mode = self.layer_mode(mode)
         shapes = dict(self.states[mode].shapes(self.cfg, mode))
         if self.cfg.momentum > 0:
             shapes.update(MomentumState.shapes(self.cfg, mode))
@@ -217,13 +223,13 @@ class Mixer(nn.Module):
 
     def empty_state(self, batch: int, mode: str, device=None, dtype=None, **options) -> LayerState:
         """A block's state before any token in `mode` (options: e.g. ICLAA's num_features)."""
-        self.check_mode(mode)
+        mode = self.layer_mode(mode)
         momentum = MomentumState.empty(batch, self.cfg, mode, device, dtype) if self.cfg.momentum > 0 else None
         return LayerState(self.states[mode].empty(batch, self.cfg, mode, device, dtype, **options), momentum)
 
     def state_from_tensors(self, tensors: dict[str, Tensor], mode: str) -> LayerState:
         """A block's `mode` state from its saved tensors (names checked by the caller)."""
-        self.check_mode(mode)
+        mode = self.layer_mode(mode)
         momentum = MomentumState.from_tensors(tensors) if self.cfg.momentum > 0 else None
         return LayerState(self.states[mode].from_tensors(tensors), momentum)
 
@@ -232,7 +238,7 @@ class Mixer(nn.Module):
         for mode in self.modes:
             if set(self.state_shapes(mode)) == set(names):
                 return mode
-        raise ValueError(f"a state holding {sorted(names)} fits no mode of {self.cfg.attention} attention")
+        raise ValueError(f"a state holding {sorted(names)} fits no mode of {self.kind} attention")
 
 
 MIXERS: dict[str, type[Mixer]] = {}
@@ -244,5 +250,6 @@ def register(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
         if name in MIXERS:
             raise ValueError(f"attention={name!r} is registered twice ({MIXERS[name].__name__}, {cls.__name__})")
         MIXERS[name] = cls
+        cls.kind = name
         return cls
     return add

@@ -59,7 +59,7 @@ class LinearAttention(Mixer):
             k = k * mask[:, None, :, None].to(k.dtype)
         return q, k
 
-    def mix(self, q, k, v, mask, state: LinearState | None, need_state):
+    def mix(self, x, q, k, v, mask, state: LinearState | None, need_state):
         prior = None if state is None else (state.S, state.z)
         o, (S, z) = linear_attention_chunked(q, k, v, prior, self.cfg.chunk_size, EPS)
         return o, LinearState(S, z)

@@ -63,7 +63,7 @@ class SoftmaxAttention(Mixer):
     def score_scale(self) -> float:
         return 1.0 / math.sqrt(self.cfg.head_dim)
 
-    def mix(self, q, k, v, mask, state, need_state):
+    def mix(self, x, q, k, v, mask, state, need_state):
         if state is not None and not isinstance(state, KVPrefix):  # another mode's state (ICLAA)
             return state.attend(q, k, v, mask, need_state)
         prefix = (None, None, None) if state is None else state.prefix()
