@@ -1,4 +1,5 @@
-"""Files that are never half-written, and checkpoints loaded without running pickled code."""
+"""Files that are never half-written, checkpoints loaded without running pickled code, and
+generated blocks of a hand-written file (README tables) replaced in place."""
 from __future__ import annotations
 
 import contextlib
@@ -50,3 +51,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint.get("hyper_parameters", {}):
         raise ValueError(f"{path} is not a lit_icl checkpoint (no state_dict / model config)")
     return checkpoint
+
+
+def replace_marked_block(path: str | os.PathLike, begin: str, end: str, block: str) -> None:
+    """Replace the part of text file `path` from the line marker `begin` to `end` (or append
+    it) with `block`, which starts with `begin` and ends with `end`; the rest is kept. The file
+    is rewritten atomically. How scripts regenerate their README tables: never typed."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)

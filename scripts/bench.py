@@ -1,6 +1,6 @@
 """Benchmark of lit_icl's performance claims (issue 7): a markdown table on stdout, JSON on --out.
 
-    .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
+    .venv/bin/python scripts/bench.py [--quick] [--out bench.json] [--readme README.md]
 
 Every comparison is a ratio measured in this one process: the contenders run alternately
 (round r runs them in order, round r+1 in reverse), after a warm-up round, and each figure is a
@@ -10,8 +10,9 @@ Sections (float32 on the CPU):
     plain-autograd form, the quadratic form, causal softmax SDPA, and flash-linear-attention's
     pure-PyTorch chunked reference when fla is installed; B=4, H=8, head dim 64.
  2. achieved GFLOP/s of the chunked kernel vs this machine's large-matmul rate (same run).
- 3. a training step of the quickstart-size LM (linear, linear+momentum, softmax): tokens/s and
-    the peak growth of resident memory during a step.
+ 3. a training step of the quickstart-size LM per attention kind (linear, linear+momentum,
+    softmax, retention, simple GLA, GLA, DeltaNet): tokens/s and the peak growth of resident
+    memory during a step.
  4. conversion (`convert`, one no-grad pass) vs the finetuning baseline (`finetune`: SGD, batch
     size 1) and its batched form (`finetune_batched`), per episode.
  5. inference per query on the converted context (`model(query, state=...)`) vs with the prompt.
@@ -53,6 +54,7 @@ FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128,
 QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256,
              mm_n=256, train_T=(64, 128), train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8),
              episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK)
+README_BEGIN, README_END = "<!-- bench:start -->", "<!-- bench:end -->"  # the README's generated table
 AUTOGRAD_CHUNK = 64  # the plain-autograd reference at its own former default
 LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
 VOCAB, N_KEYS = 65, 32  # recall vocabulary: keys 1..32, values 33..64
@@ -125,7 +127,8 @@ def lm(block_size: int, **overrides) -> TransformerLM:
 
 
 def bench_training(cfg: dict) -> dict:
-    kinds = {"linear": {}, "linear+momentum": {"momentum": 0.5}, "softmax": {"attention": "softmax"}}
+    kinds = {"linear": {}, "linear+momentum": {"momentum": 0.5}, "softmax": {"attention": "softmax"},
+             **{kind: {"attention": kind} for kind in ("retention", "simple_gla", "gla", "deltanet")}}
     out = {}
     for T in cfg["train_T"]:
         B = max(1, cfg["train_tokens"] // T)
@@ -341,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run only these sections (default: all)")
+    parser.add_argument("--readme", help="also write the table into this file (README.md) between its bench markers")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.threads:
@@ -357,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
     r["targets"] = targets(cfg, r)
     r["meta"]["wall_s"] = time.perf_counter() - start
     print(table(cfg, r))
+    if args.readme:
+        from lit_icl.files import replace_marked_block
+
+        replace_marked_block(args.readme, README_BEGIN, README_END, f"{README_BEGIN}\n{table(cfg, r)}\n{README_END}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=1, default=str)

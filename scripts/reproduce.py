@@ -139,21 +139,11 @@ def readme_block(out: Path, readme: Path) -> str:
     return "\n".join(parts + [README_END])
 
 
-def replace_block(readme: Path, begin: str, end: str, block: str) -> None:
-    """Replace the block of `readme` between the markers `begin` and `end` (or append it) with
-    `block`, which starts with `begin` and ends with `end`; the rest of the file is kept."""
-    text = readme.read_text() if readme.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    readme.write_text(text)
-
-
 def write_readme(out: Path, readme: Path) -> None:
     """Replace the marked block of `readme` (or append it) with `readme_block`."""
-    replace_block(readme, README_BEGIN, README_END, readme_block(out, readme))
+    from lit_icl.files import replace_marked_block
+
+    replace_marked_block(readme, README_BEGIN, README_END, readme_block(out, readme))
     log(f"{readme}: section rewritten from {out}")
 
 
