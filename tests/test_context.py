@@ -134,6 +134,12 @@ def test_load_rejects_other_models_and_bad_files(tmp_path):
         ContextState.load(path, TransformerLM(TransformerConfig(vocab_size=V, n_head=4, n_embd=16, block_size=64)))
     with pytest.raises(ValueError, match="another model.*attention"):
         ContextState.load(path, make(attention="softmax"))
+    gated = tmp_path / "gla.safetensors"  # same state shapes as retention's, another kind: refused by name
+    convert(make(attention="gla"), tokens(1, 5)).save(gated, make(attention="gla"))
+    with pytest.raises(ValueError, match=r"another model \(attention: state 'gla' vs model 'retention'\)"):
+        ContextState.load(gated, make(attention="retention"))
+    with pytest.raises(ValueError, match=r"attention: state 'gla' vs model \['gla', 'softmax'\]"):
+        ContextState.load(gated, make(attention=["gla", "softmax"]))
     with pytest.raises(ValueError, match="different weights"):
         ContextState.load(path, make(attention="linear", seed=7))
     assert ContextState.load(path, make(attention="linear", seed=7), strict=False).offset.tolist() == [5]
