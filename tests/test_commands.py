@@ -139,6 +139,7 @@ def bad_cases(tmp_path, ckpts):
 QUICKSTART = __import__("tests.conftest", fromlist=["ROOT"]).ROOT / "configs" / "quickstart.yaml"
 FIT_CASES = [  # bad training configurations: refused before any step runs
     (["--model.config.attention", "flash"], "attention='flash'; allowed"),
+    (["--model.config.attention", "[gla, softmax, gla]"], "names 3 layers; n_layer=2 needs one kind per layer"),
     (["--model.config.n_embd", "130"], "n_embd=130 must be divisible by n_head=4"),
     (["--model.config.momentum", "1.0"], "momentum=1.0 must be in [0, 1)"),
     (["--model.config.feature_map", "cosh"], "feature_map='cosh'; allowed"),
