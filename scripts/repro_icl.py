@@ -26,7 +26,7 @@ import torch
 from reproduce import log
 
 ICL_FULL = dict(model="smollm2-135m", tasks=["mr", "bbc"], shots=[0, 1, 2, 4, 8], episodes=200, bbc_words=40,
-                lr_grid=[1e-4, 1e-3, 1e-2, 1e-1], lr_episodes=16, lr_shots=4, lr_seed=1, batch_size=8,
+                lr_grid=[1e-4, 1e-3, 1e-2, 1e-1], lr_episodes=16, lr_shots=4, lr_seed=1, batch_size=4,
                 approximate=["taylor", "prf"], num_features=256, seed=0)
 ICL_QUICK = dict(ICL_FULL, model="quick", shots=[0, 1, 2], episodes=4, lr_grid=[1e-2, 1e-1], lr_episodes=2, lr_shots=1,
                  num_features=16, bbc_words=8)
@@ -53,7 +53,7 @@ def config(name: str, args) -> dict:
         cfg.update({k: getattr(args, k) for k in ("pairs", "context") if getattr(args, k) is not None})
         return cfg
     cfg = dict(ICL_QUICK if quick else ICL_FULL, quick=quick)
-    for field in ("episodes", "shots", "tasks", "lr_grid", "lr_episodes"):
+    for field in ("episodes", "shots", "tasks", "lr_grid", "lr_episodes", "batch_size"):
         if getattr(args, field) is not None:
             cfg[field] = getattr(args, field)
     unknown = sorted(set(cfg["tasks"]) - set(TEMPLATES))
