@@ -64,6 +64,8 @@ class TransformerConfig:
     n_kv_head: Optional[int] = None  # key/value heads of softmax attention (grouped-query
     # attention, Ainslie et al. 2023): each serves n_head / n_kv_head query heads; None = n_head
     rope_theta: float = 10000.0  # RoPE base of position="rope" (Llama: the checkpoint's rope_theta)
+    qk_norm: Optional[str] = None  # recurrent kinds' q and k: "l2" (SiLU, then L2-normalised per head, as in
+    # DeltaNet, Yang et al. 2024) | "none" (raw); None = each kind's own (deltanet "l2", the others "none")
 
     def __post_init__(self):
         optional = ("mlp_hidden", "n_kv_head")
@@ -103,6 +105,15 @@ class TransformerConfig:
         if self.kv_heads != self.n_head and not set(self.kinds) <= set(grouped):
             allowed = " or ".join(repr(name) for name in grouped)
             raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention={allowed}")
+        if self.qk_norm is not None:
+            takes = {kind: MIXERS[kind].qk_norms for kind in self.kinds if MIXERS[kind].qk_norms}
+            allowed = sorted({n for norms in takes.values() for n in norms})
+            if not takes:
+                raise ValueError(f"qk_norm={self.qk_norm!r} applies to the recurrent kinds only; attention={self.attention!r}")
+            refused = [kind for kind, norms in takes.items() if self.qk_norm not in norms]
+            if refused:
+                raise ValueError(f"qk_norm={self.qk_norm!r} is not available for {refused[0]} attention; allowed: "
+                                 f"{list(takes[refused[0]]) if self.qk_norm in allowed else allowed}")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}; allowed: {list(NORMS)}")
         if self.mlp not in MLPS:

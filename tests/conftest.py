@@ -55,6 +55,7 @@ def exact_grid() -> list[dict]:
         grid += [dict(attention=kind, feature_map=fm, position=pos, momentum=eta)
                  for fm, pos, eta in itertools.product(maps, ("learned", "rope", "none"), (0.0, 0.6))]
         grid += [dict(attention=kind, position=pos, momentum=0.6, token_shift=True) for pos in ("learned", "rope")]
+        grid += [dict(attention=kind, qk_norm=norm, momentum=0.6) for norm in MIXERS[kind].qk_norms[1:]]
     return grid + [dict(attention=h, position="rope", momentum=eta) for h in HYBRIDS for eta in (0.0, 0.6)]
 
 

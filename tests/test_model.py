@@ -32,6 +32,9 @@ def cfg(**kw):
         (dict(n_embd=6, n_head=2, position="rope"), "rope' needs an even head size, got 3"),
         (dict(attention=["gla", "softmax", "gla"]), "names 3 layers; n_layer=2 needs one kind per layer"),
         (dict(attention=["gla", "mamba"]), "attention='mamba'; allowed"),
+        (dict(attention="linear", qk_norm="l2"), "qk_norm='l2' applies to the recurrent kinds only"),
+        (dict(attention="deltanet", qk_norm="none"), r"qk_norm='none' is not available for deltanet attention; allowed: \['l2'\]"),
+        (dict(attention="gla", qk_norm="rms"), r"qk_norm='rms' is not available for gla attention; allowed: \['l2', 'none'\]"),
         (dict(attention="gla", n_kv_head=1), "n_kv_head=1 .grouped-query attention. needs attention='softmax'"),
     ],
 )

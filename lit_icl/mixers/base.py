@@ -154,6 +154,7 @@ class Mixer(nn.Module):
     states: ClassVar[dict[str, type[State]]] = {}
     grouped_query: ClassVar[bool] = False
     kind: ClassVar[str] = ""  # the name it is registered under
+    qk_norms: ClassVar[tuple[str, ...]] = ()  # the values of TransformerConfig.qk_norm it takes, its default first
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()

@@ -11,16 +11,10 @@ order matters, and conversion is exact all the same.
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_icl.mixers.base import register
 from lit_icl.mixers.recurrent import RecurrentMixer, masked
 from lit_icl.ops import delta_rule_chunked
-
-
-def l2_features(x):
-    """L2-normalised SiLU features (unit keys keep I - beta k k^T a contraction)."""
-    return F.normalize(F.silu(x), dim=-1, eps=1e-6)
 
 
 @register("deltanet")
@@ -28,13 +22,11 @@ class DeltaNet(RecurrentMixer):
     """The delta rule with a writing strength beta per head and token."""
 
     output_gate = False
+    qk_norms = ("l2",)  # unit keys keep I - beta k k^T a contraction
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.b_proj = nn.Linear(cfg.n_embd, cfg.n_head, bias=True)
-
-    def featurize(self, q, k, mask):
-        return super().featurize(l2_features(q), l2_features(k), mask)
 
     def recur(self, x, q, k, v, mask, S0):
         beta = masked(self.b_proj(x).sigmoid().transpose(1, 2), mask)  # a padding token writes nothing

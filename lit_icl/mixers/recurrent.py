@@ -48,11 +48,18 @@ def masked(t: Tensor, mask: Tensor | None) -> Tensor:
     return t * mask.view(mask.shape[0], 1, mask.shape[1], *[1] * (t.dim() - 3)).to(t.dtype)
 
 
+def l2_features(x: Tensor) -> Tensor:
+    """SiLU, then L2-normalised over the head dimension (DeltaNet's q and k, Yang et al. 2024)."""
+    return F.normalize(F.silu(x), dim=-1, eps=1e-6)
+
+
 class RecurrentMixer(Mixer):
     """A recurrent kind: subclasses implement `recur(x, q, k, v, mask, S0) -> (o, S)` with the
-    kind's op (chunked, state in and out) and may change q and k in `featurize`."""
+    kind's op (chunked, state in and out). q and k are raw, or with TransformerConfig.qk_norm
+    "l2" SiLU-activated and L2-normalised per head (unit keys: retrieval by cosine similarity)."""
 
     states = {"exact": RecurrentState}
+    qk_norms = ("none", "l2")
     output_gate: ClassVar[bool] = True  # the swish output gate of RetNet and GLA
 
     def __init__(self, cfg):
@@ -65,6 +72,8 @@ class RecurrentMixer(Mixer):
         return self.cfg.head_dim ** -0.5
 
     def featurize(self, q, k, mask):
+        if (self.cfg.qk_norm or self.qk_norms[0]) == "l2":
+            q, k = l2_features(q), l2_features(k)
         return q, masked(k, mask)  # a padding key writes nothing
 
     def recur(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
