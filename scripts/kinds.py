@@ -116,13 +116,20 @@ def train(cfg: dict, out: Path, kind: str) -> dict:
             "params": sum(p.numel() for p in cli.model.parameters())}
 
 
+def rows(data: dict) -> list[tuple[str, dict]]:
+    """The finished runs in the table's order (KINDS), then any others."""
+    order = [k for k in KINDS if k in data["runs"]] + [k for k in data["runs"] if k not in KINDS]
+    return [(k, data["runs"][k]) for k in order]
+
+
 def figure(data: dict, out: Path) -> str:
     from lit_icl.plots import plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
-    for kind, run in data["runs"].items():
+    for kind, run in rows(data):
         steps, values = zip(*run["result"]["prompted_curve"])
-        ax.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=kind)
+        ax.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=kind,
+                linestyle=":" if "raw" in kind else "-")
     ax.axhline(100 * TARGET, color="grey", linewidth=0.8, linestyle=":")
     ax.set(xlabel="training step", ylabel=f"prompted accuracy, {data['config']['shots']} shots (%)",
            title="Associative recall: in-context accuracy per attention kind")
@@ -138,7 +145,7 @@ def table(data: dict) -> list[str]:
     lines = [f"| kind | steps to {TARGET:.0%} prompted (k = {k}) | zero-shot | prompted | converted | finetuned "
              "| converted vs prompted (rel. logit error) | training tokens/s | parameters |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for kind, run in data["runs"].items():
+    for kind, run in rows(data):
         r, f = run["result"], run["result"]["final"]
         conv = f.get("converted", f.get("converted_kv"))
         reached = r["steps_to_target"] if r["steps_to_target"] is not None else f"not reached in {f['step']}"
