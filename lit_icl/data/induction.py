@@ -36,12 +36,8 @@ class InductionHeadDataModule(SyntheticICLDataModule):
             largest shot count of held-out episodes.
         segment_len: tokens per segment (``>= 2``: the pair must fit).
         n_tokens: size of the content alphabet (noise and targets; chance is ``1 / n_tokens``).
-        num_train: training sequences, generated once in ``setup``.
-        num_val: validation (and test) sequences.
-        num_heldout: default number of held-out episodes of ``heldout_episodes``.
-        batch_size: sequences per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
-        seed: root seed of every stream.
+        **kwargs: ``num_train``, ``num_val``, ``num_heldout``, ``batch_size``, ``num_workers``,
+            ``seed``: see :class:`~lit_icl.data.synthetic.SyntheticICLDataModule`.
     """
 
     task_name = "induction"
@@ -51,18 +47,12 @@ class InductionHeadDataModule(SyntheticICLDataModule):
         n_segments: int = 8,
         segment_len: int = 8,
         n_tokens: int = 32,
-        num_train: int = 20000,
-        num_val: int = 512,
-        num_heldout: int = 256,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 1234,
+        **kwargs,
     ) -> None:
         check_at_least(type(self).__name__, [
             ("n_segments", n_segments, 1), ("segment_len", segment_len, 2), ("n_tokens", n_tokens, 1),
         ])
-        super().__init__(num_train, num_val, num_heldout, batch_size, num_workers, seed)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.n_segments, self.segment_len, self.n_tokens = n_segments, segment_len, n_tokens
 
     @property

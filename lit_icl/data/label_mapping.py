@@ -30,15 +30,12 @@ class LabelMappingDataModule(MapRecallDataModule):
         n_words: size of the input-word alphabet (the words of a map are distinct).
         n_labels: K, the number of label tokens (the candidates; chance is ``1 / K``).
         n_queries: least number of query slots; a sequence has ``4 * (n_pairs + n_queries)`` tokens.
-        num_train: training sequences, generated once in ``setup``.
-        num_val: validation (and test) sequences.
-        num_heldout: default number of held-out episodes of ``heldout_episodes``.
-        batch_size: sequences per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
-        seed: root seed of every stream.
+        **kwargs: ``num_train``, ``num_val``, ``num_heldout``, ``batch_size``, ``num_workers``,
+            ``seed``: see :class:`~lit_icl.data.synthetic.SyntheticICLDataModule`.
     """
 
     task_name = "label_mapping"
+    hparams_ignore = ("names", "n_keys", "n_values")  # MapRecallDataModule's names of n_words, n_labels
     slot_layout = ("k", ARROW, "v", DELIMITER)
     value_base = 3
 
@@ -48,16 +45,10 @@ class LabelMappingDataModule(MapRecallDataModule):
         n_words: int = 32,
         n_labels: int = 4,
         n_queries: int = 8,
-        num_train: int = 20000,
-        num_val: int = 512,
-        num_heldout: int = 256,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 1234,
+        **kwargs,
     ) -> None:
-        super().__init__(n_pairs, n_words, n_labels, n_queries, num_train, num_val, num_heldout, batch_size,
-                         num_workers, seed, names=("n_pairs", "n_words", "n_labels", "n_queries"))
-        self.save_hyperparameters()
+        super().__init__(n_pairs, n_words, n_labels, n_queries, names=("n_pairs", "n_words", "n_labels", "n_queries"),
+                         **kwargs)
 
     @property
     def n_words(self) -> int:

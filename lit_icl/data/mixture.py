@@ -36,27 +36,20 @@ class MixtureDataModule(SyntheticICLDataModule):
         weights: sampling weight of each task (``>= 0``, positive sum); ``None``: uniform.
         names: a name per task for ``heldout_tasks``; ``None``: each task's ``task_name``
             (they must then be distinct).
-        num_train: training sequences, generated once in ``setup``.
-        num_val: validation (and test) sequences.
-        num_heldout: default number of held-out episodes per task.
-        batch_size: sequences per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
-        seed: seed of the task draws (the tasks' sequences use their own seeds).
+        **kwargs: ``num_train``, ``num_val``, ``num_heldout`` (held-out episodes per task),
+            ``batch_size``, ``num_workers``, ``seed`` (of the task draws; the tasks' sequences use
+            their own seeds): see :class:`~lit_icl.data.synthetic.SyntheticICLDataModule`.
     """
 
     task_name = "mixture"
+    hparams_ignore = ("tasks",)  # DataModules, not values (each logs its own)
 
     def __init__(
         self,
         tasks: Sequence[SyntheticICLDataModule],
         weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
-        num_train: int = 20000,
-        num_val: int = 512,
-        num_heldout: int = 256,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 1234,
+        **kwargs,
     ) -> None:
         owner = type(self).__name__
         tasks = list(tasks)
@@ -74,8 +67,7 @@ class MixtureDataModule(SyntheticICLDataModule):
             raise ValueError(
                 f"{owner}: task names {names} must be distinct, one per task (set `names` to tell tasks apart)"
             )
-        super().__init__(num_train, num_val, num_heldout, batch_size, num_workers, seed)
-        self.save_hyperparameters(ignore=["tasks"])
+        super().__init__(**kwargs)
         self.tasks, self.weights, self.names = tasks, torch.tensor(weights) / sum(weights), names
         sizes = torch.tensor([t.vocab_size - 1 for t in tasks])
         self.offsets = (sizes.cumsum(0) - sizes).tolist()

@@ -35,12 +35,8 @@ class AssociativeRecallDataModule(MapRecallDataModule):
         n_keys: size of the key alphabet (keys in a map are distinct, so ``n_pairs <= n_keys``).
         n_values: size of the value alphabet (values may repeat within a map).
         n_queries: least number of query slots; a sequence has ``2 * (n_pairs + n_queries)`` tokens.
-        num_train: training sequences, generated once in ``setup``.
-        num_val: validation (and test) sequences.
-        num_heldout: default number of held-out episodes of ``heldout_episodes``.
-        batch_size: sequences per batch (per process under DDP).
-        num_workers: DataLoader worker processes.
-        seed: root seed of every stream.
+        **kwargs: ``num_train``, ``num_val``, ``num_heldout``, ``batch_size``, ``num_workers``,
+            ``seed``: see :class:`~lit_icl.data.synthetic.SyntheticICLDataModule`.
     """
 
     task_name = "recall"
@@ -53,16 +49,10 @@ class AssociativeRecallDataModule(MapRecallDataModule):
         n_keys: int = 32,
         n_values: int = 32,
         n_queries: int = 8,
-        num_train: int = 20000,
-        num_val: int = 512,
-        num_heldout: int = 256,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 1234,
+        **kwargs,
     ) -> None:
-        super().__init__(n_pairs, n_keys, n_values, n_queries, num_train, num_val, num_heldout, batch_size,
-                         num_workers, seed, names=("n_pairs", "n_keys", "n_values", "n_queries"))
-        self.save_hyperparameters()
+        super().__init__(n_pairs, n_keys, n_values, n_queries, names=("n_pairs", "n_keys", "n_values", "n_queries"),
+                         **kwargs)
 
     @property
     def value_base(self) -> int:

@@ -60,7 +60,11 @@ class SyntheticICLDataModule(pl.LightningDataModule, ABC):
     """Fixed train / validation / test sequences of one synthetic task, plus held-out episodes.
 
     Subclasses set ``task_name`` and implement ``vocab_size``, ``seq_len``, ``max_shots``,
-    ``sequences(n, stream)`` and ``_episodes(n_shots, num_episodes, task)``.
+    ``sequences(n, stream)`` and ``_episodes(n_shots, num_episodes, task)``. They take their own
+    arguments and forward ``**kwargs`` (the arguments below) here; LightningCLI (jsonargparse)
+    follows the forwarding, so a config sets these under the subclass's ``init_args``. The
+    hyperparameters of the whole chain are saved here (``save_hyperparameters`` collects every
+    ``__init__`` frame of the class hierarchy), minus the names in ``hparams_ignore``.
 
     Args:
         num_train: training sequences, generated once in ``setup``.
@@ -72,10 +76,12 @@ class SyntheticICLDataModule(pl.LightningDataModule, ABC):
     """
 
     task_name = ""
+    hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are not hyperparameters
 
-    def __init__(self, num_train: int, num_val: int, num_heldout: int, batch_size: int, num_workers: int,
-                 seed: int) -> None:
+    def __init__(self, num_train: int = 20000, num_val: int = 512, num_heldout: int = 256, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 1234) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         check_at_least(type(self).__name__, [
             ("num_train", num_train, 1), ("num_val", num_val, 1), ("num_heldout", num_heldout, 1),
             ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -188,18 +194,20 @@ class MapRecallDataModule(SyntheticICLDataModule):
     slot_layout: tuple[str | int, ...] = ("k", "v")
     key_base = 1
     value_base = 2
+    hparams_ignore = ("names",)
 
-    def __init__(self, n_pairs: int, n_keys: int, n_values: int, n_queries: int, num_train: int, num_val: int,
-                 num_heldout: int, batch_size: int, num_workers: int, seed: int, names: Sequence[str]) -> None:
+    def __init__(self, n_pairs: int, n_keys: int, n_values: int, n_queries: int, names: Sequence[str],
+                 **kwargs) -> None:
         """``names``: how the arguments ``n_pairs, n_keys, n_values, n_queries`` are called in
-        the subclass's signature (so that error messages name them)."""
+        the subclass's signature (so that error messages name them); ``kwargs``: the
+        :class:`SyntheticICLDataModule` arguments."""
         owner = type(self).__name__
         check_at_least(owner, [(name, v, 1) for name, v in zip(names, (n_pairs, n_keys, n_values, n_queries))])
         if n_pairs > n_keys:
             raise ValueError(
                 f"{owner}: {names[0]}={n_pairs} exceeds {names[1]}={n_keys} (the keys of a map are distinct)"
             )
-        super().__init__(num_train, num_val, num_heldout, batch_size, num_workers, seed)
+        super().__init__(**kwargs)
         self.n_pairs, self.n_keys, self.n_values, self.n_queries = n_pairs, n_keys, n_values, n_queries
 
     @property
