@@ -445,13 +445,27 @@ def differences(name: str, data: dict) -> str:
                 "(float rounding). The paper's 16.56% -> 9.17% is GPT-2 (learned absolute positions, LayerNorm, 12 "
                 f"heads of size 64) with its own contexts; here {'a tiny random model (--quick)' if cfg['quick'] else 'SmolLM2-135M'} "
                 f"with {cfg['context']}-token contexts of the {cfg['corpus']} corpus. How well a second-order Taylor series or m random "
-                "features approximate exp(q.k/sqrt d) depends on the size of q.k, which differs between models; "
-                "the error of m random features shrinks like 1/sqrt(m) (compare the prfM rows).")
+                "features approximate exp(q.k/sqrt d) depends on the size of q.k, which differs between models. "
+                + prf_trend(s, cfg["features"]))
+
     return ("Scale and setup differ: the paper uses GPT 1.3B / 2.7B with 32 demonstrations on six tasks; here a 135M "
             f"instruction-tuned model (4-bit weights), up to {max(cfg['shots'])} demonstrations, {len(cfg['tasks'])} tasks "
             f"and {cfg['episodes']} episodes per shot count. " + icl_findings(data) +
             " Deutch et al. (2024) argue that a similarity figure is only meaningful against the untrained baseline: "
             "compare each trained value with the one after the slash.")
+
+
+def prf_trend(summary: dict, features: list[int]) -> str:
+    """What the prfM rows show as m grows, and the likely reason when it is not the textbook 1/sqrt(m)."""
+    errors = [100 * summary[f"prf{m}"]["rel_err"]["mean"] for m in features]
+    listing = ", ".join(f"{e:.3g}% at m = {m}" for m, e in zip(features, errors))
+    if all(b < a for a, b in zip(errors, errors[1:])):
+        return f"The random-feature error falls as m grows ({listing}), as an unbiased estimator's should."
+    return (f"The random-feature error does not fall as m grows ({listing}). Positive random features estimate "
+            "exp(q.k/sqrt d) without bias, but their variance grows exponentially with the query and key norms "
+            "(Choromanski et al. 2021, Performers, Lemma 2): with the large query/key norms of a trained model the estimate of the context's sums is carried by rare, huge "
+            "features. Few features mostly miss them (the context is under-counted, close to no context); more "
+            "features catch some and overshoot, so the typical error grows before the 1/sqrt(m) regime sets in.")
 
 
 def readme_section(name: str, data: dict, rel: str) -> str:
