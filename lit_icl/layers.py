@@ -1,4 +1,5 @@
-"""The per-token layers of a block: its norm and its MLP, picked by the config.
+"""The per-token layers of a block: its norm and its MLP, picked by the config; and token shift
+(each position's previous real token), which the model adds to its input embeddings.
 
 GPT-2: LayerNorm and Linear-GELU-Linear (tanh-approximated GELU). The Llama family: RMSNorm and
 the SwiGLU MLP. Both act on each token alone, so they never touch the attention state.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,3 +55,22 @@ def make_mlp(cfg: TransformerConfig) -> nn.Module:
         nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias),
         nn.Dropout(cfg.dropout),
     )
+
+
+def shift_tokens(input_ids: Tensor, mask: Tensor | None, last_token: Tensor) -> tuple[Tensor, Tensor]:
+    """Token shift: for each position the previous real token (skipping padding; the carried
+    `last_token` [B] before the first, -1 for none), and each row's last real token after the
+    input. A context therefore hands its last token to the query, and conversion stays exact."""
+    B, T = input_ids.shape
+    if mask is None:
+        previous = torch.cat([last_token[:, None], input_ids[:, :-1]], dim=1)
+        return previous, (input_ids[:, -1] if T else last_token)
+    index = torch.arange(T, device=input_ids.device).expand(B, T)
+    latest = torch.cummax(torch.where(mask, index, -1), dim=1).values  # last real index <= t
+    before = torch.cat([latest.new_full((B, 1), -1), latest[:, :-1]], dim=1)  # last real index < t
+    gathered = input_ids.gather(1, before.clamp(min=0))
+    previous = torch.where(before >= 0, gathered, last_token[:, None])
+    if T == 0:
+        return previous, last_token
+    final = latest[:, -1]
+    return previous, torch.where(final >= 0, input_ids.gather(1, final.clamp(min=0)[:, None])[:, 0], last_token)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lit_icl.layers import ACTIVATIONS, MLPS, NORMS, RESIDUAL_PROJECTIONS, make_mlp, make_norm
+from lit_icl.layers import ACTIVATIONS, MLPS, NORMS, RESIDUAL_PROJECTIONS, make_mlp, make_norm, shift_tokens
 from lit_icl.mixers import MIXERS, LayerState, MixerOutput, Pass
 from lit_icl.ops import FEATURE_MAPS
 
@@ -392,25 +392,6 @@ class BakedContext(nn.Module):
     @property
     def last_token(self) -> Tensor:
         return self.last_token_
-
-
-def shift_tokens(input_ids: Tensor, mask: Tensor | None, last_token: Tensor) -> tuple[Tensor, Tensor]:
-    """Token shift: for each position the previous real token (skipping padding; the carried
-    `last_token` [B] before the first, -1 for none), and each row's last real token after the
-    input. A context therefore hands its last token to the query, and conversion stays exact."""
-    B, T = input_ids.shape
-    if mask is None:
-        previous = torch.cat([last_token[:, None], input_ids[:, :-1]], dim=1)
-        return previous, (input_ids[:, -1] if T else last_token)
-    index = torch.arange(T, device=input_ids.device).expand(B, T)
-    latest = torch.cummax(torch.where(mask, index, -1), dim=1).values  # last real index <= t
-    before = torch.cat([latest.new_full((B, 1), -1), latest[:, :-1]], dim=1)  # last real index < t
-    gathered = input_ids.gather(1, before.clamp(min=0))
-    previous = torch.where(before >= 0, gathered, last_token[:, None])
-    if T == 0:
-        return previous, last_token
-    final = latest[:, -1]
-    return previous, torch.where(final >= 0, input_ids.gather(1, final.clamp(min=0)[:, None])[:, 0], last_token)
 
 
 @contextlib.contextmanager
