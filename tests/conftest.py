@@ -42,6 +42,24 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -
     return TransformerLM(model_config(**overrides)).to(dtype).eval()
 
 
+def naive_greedy(model: TransformerLM, ids: torch.Tensor, n: int, state=None, min_margin: float | None = None) -> torch.Tensor:
+    """The `n` greedy tokens after `ids` (on a context `state`, if given), re-running the whole
+    sequence for every new token: the
+    obviously correct reference for decoding. It also checks that the input has a margin: at every
+    step the best token's logit leads the second's by more than `min_margin` (default 1e-8 in
+    float64, 1e-3 otherwise), so another code path whose logits differ from these by rounding
+    (another kernel, a state instead of the prompt) must choose the same tokens on any CPU."""
+    if min_margin is None:
+        min_margin = 1e-8 if model.lm_head.weight.dtype == torch.float64 else 1e-3
+    with torch.no_grad():
+        for _ in range(n):
+            top2 = model(ids, state=state)[:, -1].topk(2, dim=-1)
+            gap = float((top2.values[:, 0] - top2.values[:, 1]).min())
+            assert gap > min_margin, f"a near-tie in the reference decoding ({gap:.2e}): choose other inputs"
+            ids = torch.cat([ids, top2.indices[:, :1]], 1)
+    return ids[:, -n:]
+
+
 HYBRIDS = (["gla", "softmax"], ["deltanet", "simple_gla"], ["retention", "linear"])  # 2-layer mixed stacks
 
 

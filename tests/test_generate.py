@@ -1,24 +1,18 @@
-"""Decoding: with a converted context, greedy tokens equal prompting with the demonstrations."""
+"""Decoding: with a converted context, greedy tokens equal prompting with the demonstrations
+(float64, on inputs whose greedy choices lead by a margin: see `naive_greedy`)."""
 import pytest
 import torch
 
 from lit_icl import convert
 from lit_icl.generate import generate
 from lit_icl.mixers import MIXERS
-from tests.conftest import HYBRIDS, setting_id, tiny_model
+from tests.conftest import HYBRIDS, naive_greedy, setting_id, tiny_model
 
 V = 30
 
 
 def model(**kw):
     return tiny_model(vocab_size=V, block_size=48, **kw)
-
-
-def naive_greedy(m, ids, n):
-    """Re-run the whole sequence for every new token: the obviously correct reference."""
-    for _ in range(n):
-        ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, -n:]
 
 
 DECODING = [dict(attention=kind, momentum=eta, token_shift=True) for kind in [*MIXERS, *HYBRIDS] for eta in (0.0, 0.5)]
