@@ -1,4 +1,4 @@
-"""`reproduce.py momentum`: momentum attention's perplexity (Dai et al., 2023, section 6, Table 6).
+"""`scripts/reproduce.py momentum`: momentum attention's perplexity (Dai et al., 2023, section 6, Table 6).
 
 LMs trained from scratch on the `shakespeare` corpus through the normal `lit-icl fit` path
 (configs/text_momentum.yaml with overrides), with and without momentum attention
@@ -14,18 +14,18 @@ import shutil
 import statistics
 from pathlib import Path
 
-from reproduce import ROOT, log
+from lit_icl.experiments.runs import CONFIGS, curves
 
 PAPER = {"ppl_1024": (15.14, 15.02), "ppl_256": (19.50, 19.37), "icl_avg": (51.9, 54.7), "params": "350M"}
 FULL = dict(corpus="shakespeare", vocab_size=2048, block_size=128, batch_size=8, n_layer=2, n_head=4, n_embd=96,
             steps=400, val_every=50, val_batches=16, warmup=40, lr=2e-3, eta=0.5, seeds=[1, 2, 3])
 QUICK = dict(corpus="quick_corpus.txt", vocab_size=300, block_size=32, batch_size=4, n_layer=1, n_head=2, n_embd=16,
              steps=6, val_every=3, val_batches=2, warmup=2, lr=3e-3, eta=0.5, seeds=[1, 2])
-FREE = {"momentum": ("seeds",)}  # fields that change which runs there are, not a run's result (see Store)
+FREE = ("seeds",)  # fields that change which runs there are, not a run's result (see runs.Store)
 VARIANTS = [(attention, momentum) for attention in ("linear", "softmax") for momentum in (False, True)]
 
 
-def config(name: str, args) -> dict:
+def config(args) -> dict:
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
     for field in ("seeds", "steps", "eta"):
         if getattr(args, field) is not None:
@@ -34,10 +34,6 @@ def config(name: str, args) -> dict:
         raise ValueError(f"--eta={cfg['eta']} must be in (0, 1)")
     cfg["val_every"] = min(cfg["val_every"], cfg["steps"])
     return cfg
-
-
-def full_config(name: str) -> dict:
-    return dict(FULL)
 
 
 def write_corpus(path: Path, paragraphs: int = 200, seed: int = 0) -> None:
@@ -70,7 +66,7 @@ def fit_args(cfg: dict, out: Path, attention: str, eta: float, seed: int) -> lis
              "run_name": key, "checkpoint.dirpath": str(runs / key / "checkpoints")}
     if cfg["quick"]:
         sizes["data.init_args.cache_dir"] = str(out / "cache")
-    args = ["fit", "--config", str(ROOT / "configs" / "text_momentum.yaml")]
+    args = ["fit", "--config", str(CONFIGS / "text_momentum.yaml")]
     for k, v in sizes.items():
         args += [f"--{k}", "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)]
     last = runs / key / "checkpoints" / "last.ckpt"
@@ -79,15 +75,6 @@ def fit_args(cfg: dict, out: Path, attention: str, eta: float, seed: int) -> lis
     elif (runs / key).exists():
         shutil.rmtree(runs / key)  # a run killed before its first checkpoint starts again
     return args
-
-
-def curves(logdir: Path) -> dict[str, list]:
-    """Every scalar of a run's TensorBoard events: tag -> [[step, value], ...] (last value per step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: sorted({e.step: e.value for e in acc.Scalars(tag)}.items()) for tag in acc.Tags()["scalars"]}
 
 
 def train(cfg: dict, out: Path, attention: str, eta: float, seed: int) -> dict:
@@ -103,7 +90,7 @@ def train(cfg: dict, out: Path, attention: str, eta: float, seed: int) -> dict:
             "curves": {t: scalars[t] for t in ("val/ppl", "train/loss") if t in scalars}}
 
 
-def run(name: str, store, out: Path) -> None:
+def run(store, out: Path) -> None:
     cfg = store.data["config"]
     if not store.reused and (out / "momentum_runs").exists():
         shutil.rmtree(out / "momentum_runs")  # another config's (or an unrecorded) run folders: never resume them
@@ -120,7 +107,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(name: str, data: dict) -> dict:
+def summarize(data: dict) -> dict:
     """Per variant: final validation perplexity mean/std over seeds, and the relative change."""
     cfg, rows = data["config"], {}
     for attention, momentum in VARIANTS:
@@ -135,7 +122,7 @@ def summarize(name: str, data: dict) -> dict:
     return rows
 
 
-def figures(name: str, data: dict, out: Path) -> list[str]:
+def figures(data: dict, out: Path) -> list[str]:
     """momentum.png: validation perplexity against step, mean and range over seeds, per variant."""
     from lit_icl.plots import plt
 
@@ -208,7 +195,7 @@ def findings(data: dict) -> str:
             "A difference of the size of the seed-to-seed spread is not a finding either way.")
 
 
-def report(name: str, data: dict) -> str:
+def report(data: dict) -> str:
     cfg = data["config"]
     lines = ["# Momentum attention: validation perplexity (Dai et al., 2023, Table 6)", "",
              f"Command: `{data['command']}` — {len(data['runs'])} runs, {data['wall_seconds'] / 60:.1f} min of training.", "",
@@ -228,7 +215,7 @@ def report(name: str, data: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_section(name: str, data: dict, rel: str) -> str:
+def readme_section(data: dict, rel: str) -> str:
     return "\n".join([
         "### Momentum attention (Dai et al., 2023, Table 6)", "",
         f"`{data['command']}` ({len(data['runs'])} runs, {data['wall_seconds'] / 60:.0f} min on this machine's CPU). "

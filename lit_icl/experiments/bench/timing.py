@@ -1,9 +1,11 @@
-"""Timing helpers of scripts/bench.py and its sections: alternating rounds, medians, ratios,
-forward+backward closures, resident-memory peaks."""
+"""Timing helpers of the benchmark (`lit_icl.experiments.bench`, scripts/bench.py): alternating
+rounds, medians, ratios, forward+backward closures, resident-memory peaks, and what the machine
+is (its CPU, its load, the settings that move the figures)."""
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import statistics
 import threading
 import time
@@ -84,3 +86,33 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[
 
 def fmt_s(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
+
+
+def matmul_check(n: int = 1024) -> dict[str, float]:
+    """GFLOP/s of torch.mm n x n at one thread and at the chosen thread count: shows how
+    busy the machine is (on an idle machine the second is about the first times the cores)."""
+    a, b, threads, out = torch.randn(n, n), torch.randn(n, n), torch.get_num_threads(), {}
+    for t in sorted({1, threads, os.cpu_count() or 1}):
+        torch.set_num_threads(t)
+        out[f"{t} threads"] = 2 * n**3 / med(alternate({"mm": lambda: torch.mm(a, b)}, 9)["mm"]) / 1e9
+    torch.set_num_threads(threads)
+    return out
+
+
+def knobs() -> str:
+    """The environment settings that move these numbers: OpenMP threads spin (ACTIVE) or sleep
+    (PASSIVE) between ops, which decides how much a busy core costs; glibc's malloc returns
+    tensors above 32 MiB to the OS after each use unless told otherwise (page faults)."""
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    found = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
+    return ", ".join(found) if found else "no OpenMP/malloc settings"
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"

@@ -1,5 +1,5 @@
-"""Section 6 of scripts/bench.py: the recurrent family's ops (retention, simple GLA, GLA, DeltaNet),
-forward+backward, float32 on the CPU.
+"""Section 6 of the benchmark (scripts/bench.py): the recurrent family's ops (retention, simple
+GLA, GLA, DeltaNet), forward+backward, float32 on the CPU.
 
 Per kind and T: the chunked form (`<kind>_chunked`, its default chunk size) against its recurrent
 reference (`<kind>_recurrent`) and flash-linear-attention's pure-PyTorch chunked reference where
@@ -22,7 +22,7 @@ from lit_icl.ops.gla import gla_chunked, gla_recurrent
 from lit_icl.ops.retention import retention_chunked, retention_gamma, retention_recurrent
 from lit_icl.ops.simple_gla import simple_gla_chunked, simple_gla_recurrent
 
-from bench_timing import alternate, fmt_s, fwd_bwd, med, ratio
+from lit_icl.experiments.bench.timing import alternate, fmt_s, fwd_bwd, med, ratio
 
 RECURRENT_FULL = dict(T=(512, 2048, 8192), reference_max_T=2048, chunks=(16, 32, 64, 128), sweep_T=2048, reps=3)
 RECURRENT_QUICK = dict(T=(32, 64, 128), reference_max_T=64, chunks=(16, 32), sweep_T=64, reps=2)

@@ -1,6 +1,5 @@
-"""Benchmark of lit_icl's performance claims (issue 7): a markdown table on stdout, JSON on --out.
-
-    .venv/bin/python scripts/bench.py [--quick] [--out bench.json] [--readme README.md]
+"""Benchmark of lit_icl's performance claims, behind `scripts/bench.py`: a markdown table and
+the results as JSON.
 
 Every comparison is a ratio measured in this one process: the contenders run alternately
 (round r runs them in order, round r+1 in reverse), after a warm-up round, and each figure is a
@@ -17,17 +16,13 @@ Sections (float32 on the CPU):
     size 1) and its batched form (`finetune_batched`), per episode.
  5. inference per query on the converted context (`model(query, state=...)`) vs with the prompt.
  6. the recurrent family's ops (retention, simple GLA, GLA, DeltaNet): chunked vs recurrent vs
-    fla's pure-PyTorch chunked reference, and linear in T (scripts/bench_recurrent.py).
---quick shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
---sections runs only the named sections (e.g. `--sections recurrent`).
+    fla's pure-PyTorch chunked reference, and linear in T (bench/recurrent.py).
+QUICK shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
+Timing helpers: bench/timing.py.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
 import sys
 import time
 from typing import Callable
@@ -45,8 +40,14 @@ from lit_icl.ops import (
 )
 from lit_icl.ops.fla import fla_naive
 
-from bench_recurrent import RECURRENT_FULL, RECURRENT_QUICK, bench_recurrent, recurrent_table, recurrent_targets
-from bench_timing import alternate, fmt_s, fwd_bwd, med, peak_memory, ratio
+from lit_icl.experiments.bench.recurrent import (
+    RECURRENT_FULL,
+    RECURRENT_QUICK,
+    bench_recurrent,
+    recurrent_table,
+    recurrent_targets,
+)
+from lit_icl.experiments.bench.timing import alternate, fmt_s, fwd_bwd, knobs, machine, matmul_check, med, peak_memory, ratio
 
 FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
             mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
@@ -299,36 +300,6 @@ def table(cfg: dict, r: dict) -> str:
     return "\n".join(lines)
 
 
-def matmul_check(n: int = 1024) -> dict[str, float]:
-    """GFLOP/s of torch.mm n x n at one thread and at the chosen thread count: shows how
-    busy the machine is (on an idle machine the second is about the first times the cores)."""
-    a, b, threads, out = torch.randn(n, n), torch.randn(n, n), torch.get_num_threads(), {}
-    for t in sorted({1, threads, os.cpu_count() or 1}):
-        torch.set_num_threads(t)
-        out[f"{t} threads"] = 2 * n**3 / med(alternate({"mm": lambda: torch.mm(a, b)}, 9)["mm"]) / 1e9
-    torch.set_num_threads(threads)
-    return out
-
-
-def knobs() -> str:
-    """The environment settings that move these numbers: OpenMP threads spin (ACTIVE) or sleep
-    (PASSIVE) between ops, which decides how much a busy core costs; glibc's malloc returns
-    tensors above 32 MiB to the OS after each use unless told otherwise (page faults)."""
-    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    found = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
-    return ", ".join(found) if found else "no OpenMP/malloc settings"
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
-
-
 SECTIONS = {  # name: (run(cfg) -> results, table(cfg, all results) -> markdown lines)
     "kernels": (bench_kernels, kernels_table), "flops": (bench_flops, flops_table),
     "training": (bench_training, training_table), "conversion": (bench_conversion, conversion_table),
@@ -337,39 +308,27 @@ SECTIONS = {  # name: (run(cfg) -> results, table(cfg, all results) -> markdown 
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run of every section")
-    parser.add_argument("--out", help="write the results as JSON to this path")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
-                        help="run only these sections (default: all)")
-    parser.add_argument("--readme", help="also write the table into this file (README.md) between its bench markers")
-    args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(cfg: dict, sections=tuple(SECTIONS), quick: bool = False, command: str = "", threads: int | None = None) -> dict:
+    """Run the named sections with the shapes of `cfg` (FULL or QUICK) and check the targets: the
+    results, with the machine and the command line in "meta". `threads`: torch's intra-op threads."""
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     r = {"meta": {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "quick": args.quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive("linear_attn") is not None,
+                  "quick": quick, "chunk_size": CHUNK_SIZE, "fla_naive": fla_naive("linear_attn") is not None,
                   "mm_check_gflops": matmul_check(), "environment": knobs(),
                   "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                  "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])}}
-    for key in args.sections:
+                  "command": command}}
+    for key in sections:
         r[key] = SECTIONS[key][0](cfg)
         print(f"[bench] {key} done at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r["targets"] = targets(cfg, r)
     r["meta"]["wall_s"] = time.perf_counter() - start
-    print(table(cfg, r))
-    if args.readme:
-        from lit_icl.files import replace_marked_block
-
-        replace_marked_block(args.readme, README_BEGIN, README_END, f"{README_BEGIN}\n{table(cfg, r)}\n{README_END}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(r, f, indent=1, default=str)
     return r
 
 
-if __name__ == "__main__":
-    main()
+def write_readme(readme: str, cfg: dict, r: dict) -> None:
+    """Rewrite the table between the bench markers of `readme` (README.md)."""
+    from lit_icl.files import replace_marked_block
+
+    replace_marked_block(readme, README_BEGIN, README_END, f"{README_BEGIN}\n{table(cfg, r)}\n{README_END}")
