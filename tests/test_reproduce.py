@@ -1,7 +1,9 @@
 """scripts/reproduce.py and what it needs in the framework: SimAM over a padded query's real
 tokens only, the ICL callback's untrained-model baseline (Deutch et al., 2024), and the three
 experiments' --quick versions end to end (tiny models, self-written data, no download),
-including that a rerun skips finished runs and that the README section is generated."""
+including that a rerun skips finished runs and that the README section is generated; and that
+the scripts are entry points over lit_icl.experiments, which the core package never imports."""
+import ast
 import json
 import os
 import subprocess
@@ -169,3 +171,32 @@ def test_bad_arguments(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "momentum", "--out", str(tmp_path),
                           "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--steps=0 must be >= 1" in bad.stderr
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a Python file imports ("." + name for a relative import), also inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_scripts_import_the_package_never_each_other_and_the_core_never_imports_experiments():
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    siblings = {p.stem for p in scripts}
+    assert {"reproduce", "kinds", "bench"} <= siblings
+    for path in scripts:
+        imported = imported_modules(path)
+        assert not {m for m in imported if m.startswith(".") or m.split(".")[0] in siblings}, \
+            f"{path.name} imports another script: {sorted(imported)}"
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+    assert "lit_icl.experiments.reproduce" in imported_modules(ROOT / "scripts" / "reproduce.py")
+    core = [p for p in (ROOT / "lit_icl").rglob("*.py") if "experiments" not in p.relative_to(ROOT / "lit_icl").parts]
+    assert len(core) > 10
+    for path in core:
+        offending = {m for m in imported_modules(path) if m.startswith("lit_icl.experiments")}
+        assert not offending, f"{path.relative_to(ROOT)} imports {offending}: experiments sit on top of the package"
