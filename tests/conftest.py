@@ -16,7 +16,7 @@ import torch
 
 from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.mixers import MIXERS
-from lit_icl.model import TransformerConfig, TransformerLM
+from lit_icl.model import TransformerConfig, TransformerLM, evaluating
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_ICL = Path(sys.executable).with_name("lit-icl")  # the installed console script
@@ -44,8 +44,7 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -
 
 def naive_greedy(model: TransformerLM, ids: torch.Tensor, n: int, state=None, min_margin: float | None = None) -> torch.Tensor:
     """The `n` greedy tokens after `ids` (on a context `state`, if given), re-running the whole
-    sequence for every new token: the
-    obviously correct reference for decoding. It also checks that the input has a margin: at every
+    sequence for every new token: the obviously correct reference for decoding. It also checks that the input has a margin: at every
     step the best token's logit leads the second's by more than `min_margin` (default 1e-8 in
     float64, 1e-3 otherwise), so another code path whose logits differ from these by rounding
     (another kernel, a state instead of the prompt) must choose the same tokens on any CPU."""
@@ -58,6 +57,16 @@ def naive_greedy(model: TransformerLM, ids: torch.Tensor, n: int, state=None, mi
             assert gap > min_margin, f"a near-tie in the reference decoding ({gap:.2e}): choose other inputs"
             ids = torch.cat([ids, top2.indices[:, :1]], 1)
     return ids[:, -n:]
+
+
+def min_candidate_margin(model, episodes) -> float:
+    """The smallest gap, over episodes, between the best and second-best candidate logits of the
+    prompted run: a converted run whose logits differ by less than half this gap predicts the
+    same candidate in every episode."""
+    with evaluating(model), torch.no_grad():
+        logits = model.run(episodes.prompts, attention_mask=episodes.prompt_mask, logits_at="last").logits[:, -1]
+    top2 = logits[:, episodes.candidates].topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
 
 
 HYBRIDS = (["gla", "softmax"], ["deltanet", "simple_gla"], ["retention", "linear"])  # 2-layer mixed stacks

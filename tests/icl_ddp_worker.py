@@ -1,5 +1,7 @@
 """Run the ICL callback once (trainer.validate) on DEVICES CPU processes; rank 0 writes the
-metrics as JSON. Used by tests/test_callbacks.py to compare 2 processes with 1."""
+metrics as JSON. Used by tests/test_callbacks.py to compare 2 processes with 1. In float64: the
+ranks see other batch shapes than one process does, and float32 rounding could flip an argmax
+near-tie (an accuracy), so only float64 makes the comparison independent of the CPU."""
 import json
 import sys
 
@@ -21,7 +23,7 @@ if __name__ == "__main__":
                                                 n_embd=16, block_size=32, momentum=0.5))
     cb = ICLConversionCallback(shots=[0, 2, 4], batch_size=4, finetune_lr=0.5)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                         logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+                         precision="64-true", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.validate(module, datamodule=dm)
     if trainer.is_global_zero:
         with open(out, "w") as f:
