@@ -48,14 +48,11 @@ from torch import Tensor
 
 from lit_icl.comparison import EpisodeRuns, ICLMetrics, batches, conversions
 from lit_icl.data.episodes import Episodes
+from lit_icl.errors import first_line as _first_line
 from lit_icl.mixers import APPROXIMATE_MODES
 from lit_icl.model import TransformerLM, evaluating
 
 log = logging.getLogger("lightning.pytorch")
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @runtime_checkable

@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lit_icl.data  # noqa: F401  (registers the data modules as known --data subclasses)
+from lit_icl.errors import first_line
 from lit_icl.files import load_checkpoint
 from lit_icl.module import LitTransformerLM, NonFiniteLossError
 
@@ -160,7 +161,7 @@ def _root_message(err: BaseException) -> str:
     while (link := link.__cause__ or link.__context__) is not None:
         if isinstance(link, (ValueError, TypeError)):
             root = link
-    return (str(root) or type(root).__name__).splitlines()[0]
+    return first_line(root)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LitICLCLI:

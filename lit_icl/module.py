@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import asdict
 from functools import partial
 from typing import Any, Mapping
@@ -16,11 +15,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lit_icl.data.batches import IGNORE_INDEX
 from lit_icl.model import BakedContext, TransformerConfig, TransformerLM
+from lit_icl.sources import model_directory
 
-__all__ = ["LitTransformerLM", "lr_lambda"]
+__all__ = ["LitTransformerLM", "lr_lambda", "model_directory"]
 
-IGNORE_INDEX = -100
 RUNTIME_FIELDS = ("dropout", "chunk_size")  # change no weight: a pretrained model takes them from `config`
 
 
@@ -38,18 +38,6 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int | None, min_lr_rati
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def model_directory(spec: str) -> str:
-    """The local directory of a pretrained model: ``spec`` itself, or for a named model of
-    ``lit-icl data list`` (e.g. ``smollm2-135m``) its cached copy, fetched on first use."""
-    if os.path.exists(os.path.expanduser(spec)):
-        return os.path.expanduser(spec)
-    from lit_icl.data.named import SOURCES, resolve
-
-    if spec in SOURCES and SOURCES[spec].kind == "model":
-        return resolve(spec)
-    return spec  # from_hf names what is missing
 
 
 def pretrained_config(given: TransformerConfig | Mapping, loaded: TransformerConfig) -> TransformerConfig:

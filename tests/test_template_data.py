@@ -76,7 +76,7 @@ def test_errors(files, tmp_path):
         TemplateDataModule(templates=tasks(files))
     with pytest.raises(ValueError, match="is not a file"):
         make(files, tokenizer=str(tmp_path)).vocab_size
-    with pytest.raises(ValueError, match="'mr' is a data source"):
+    with pytest.raises(ValueError, match="'mr' names a classification source, not a model"):
         make(files, tokenizer="mr").vocab_size
     with pytest.raises(ValueError, match="must be distinct"):
         make(files, templates=tasks(files)[:1] * 2)

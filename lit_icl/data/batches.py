@@ -1,5 +1,9 @@
-"""ResumableBatches: the training stream of a map-style dataset, which Lightning can checkpoint
-and resume mid-epoch, sharded across DDP ranks.
+"""Batches: what a batch holds, and ResumableBatches, the training stream of a map-style dataset,
+which Lightning can checkpoint and resume mid-epoch, sharded across DDP ranks.
+
+A batch is ``{"input_ids": [B, T], "labels": [B, T]}``, ``labels[b, t]`` the target of the
+prediction at position ``t`` and :data:`IGNORE_INDEX` where nothing is scored;
+:func:`next_token_batch` makes one from token rows (text blocks, formatted examples).
 
 Epoch e visits a permutation drawn from (seed, e) only, so the order is reproducible without
 any global RNG. Each rank takes the strided share perm[rank::world] (padded by wrapping, like
@@ -25,6 +29,28 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+__all__ = ["IGNORE_INDEX", "Columns", "ResumableBatches", "next_token_batch"]
+
+IGNORE_INDEX = -100  # a label that no loss or accuracy scores (cross_entropy's ignore_index)
+
+
+def next_token_batch(rows: Tensor | list[list[int]], pad_id: int = 0) -> dict[str, Tensor]:
+    """Token rows as next-token pairs, ``input_ids = row[:-1]`` and ``labels = row[1:]``.
+
+    ``rows`` is a ``[B, T + 1]`` tensor, or a list of token lists of any lengths (at least 2),
+    right-padded to the longest: ``pad_id`` in ``input_ids`` and :data:`IGNORE_INDEX` in
+    ``labels`` at padding (a causal model's earlier positions do not see it)."""
+    if isinstance(rows, Tensor):
+        ids = rows.long()
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])
+    labels = ids[:, 1:].masked_fill(torch.arange(width - 1) >= (lengths - 1)[:, None], IGNORE_INDEX)
+    return {"input_ids": ids[:, :-1], "labels": labels}
 
 
 class Indexable(Protocol):

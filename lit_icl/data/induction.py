@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from lit_icl.data.batches import IGNORE_INDEX
 from lit_icl.data.episodes import Episodes
-from lit_icl.data.synthetic import HELDOUT, IGNORE_INDEX, SyntheticICLDataModule, check_at_least, stream_generator
+from lit_icl.data.synthetic import HELDOUT, SyntheticICLDataModule, check_at_least, stream_generator
 
 __all__ = ["InductionHeadDataModule", "TRIGGER"]
 

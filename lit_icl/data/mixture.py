@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
+from lit_icl.data.batches import IGNORE_INDEX
 from lit_icl.data.episodes import Episodes
-from lit_icl.data.synthetic import IGNORE_INDEX, SyntheticICLDataModule, stream_generator
+from lit_icl.data.synthetic import SyntheticICLDataModule, stream_generator
 
 __all__ = ["MixtureDataModule"]
 

@@ -18,10 +18,9 @@ never seen in training (see :mod:`lit_icl.data.synthetic`).
 
 from __future__ import annotations
 
-from lit_icl.data.synthetic import HELDOUT, IGNORE_INDEX, TEST, TRAIN, VAL, MapRecallDataModule
-from lit_icl.data.synthetic import stream_generator as _generator  # the Core issue's name
+from lit_icl.data.synthetic import MapRecallDataModule
 
-__all__ = ["AssociativeRecallDataModule", "HELDOUT", "IGNORE_INDEX", "TEST", "TRAIN", "VAL", "_generator"]
+__all__ = ["AssociativeRecallDataModule"]
 
 
 class AssociativeRecallDataModule(MapRecallDataModule):

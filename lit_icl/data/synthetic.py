@@ -25,15 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_icl.data.batches import ResumableBatches
-
+from lit_icl.data.batches import IGNORE_INDEX, ResumableBatches
 from lit_icl.data.episodes import Episodes
 
-__all__ = ["HELDOUT", "IGNORE_INDEX", "MapRecallDataModule", "SyntheticICLDataModule", "TEST", "TRAIN",
-           "VAL", "check_at_least", "stream_generator"]
+__all__ = ["HELDOUT", "MapRecallDataModule", "SyntheticICLDataModule", "TEST", "TRAIN", "VAL", "check_at_least",
+           "stream_generator"]
 
 TRAIN, VAL, HELDOUT, TEST = 0, 1, 2, 3
-IGNORE_INDEX = -100
 
 
 def stream_generator(seed: int, *stream: int) -> torch.Generator:
@@ -51,7 +49,8 @@ def check_at_least(owner: str, bounds: Sequence[tuple[str, int, int]]) -> None:
             raise ValueError(f"{owner}: {name} must be >= {least}, got {value}")
 
 
-def _collate(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _stack_pairs(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A batch of ``(input_ids, labels)`` rows whose labels are already shifted (and masked)."""
     input_ids, labels = zip(*rows)
     return {"input_ids": torch.stack(input_ids), "labels": torch.stack(labels)}
 
@@ -153,7 +152,7 @@ class SyntheticICLDataModule(pl.LightningDataModule, ABC):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=_collate,
+            collate_fn=_stack_pairs,
         )
 
     def train_dataloader(self) -> ResumableBatches:

@@ -20,12 +20,15 @@ that the ICL callback evaluates like the synthetic tasks':
 
 Demonstrations and queries differ in length, so the episodes are left-padded (``shot_index``
 ``-1`` and ``query_mask`` 0 at padding). A DataModule keeps its tasks in a
-:class:`TemplateTaskSet`, which builds each task's episodes once and serves them again.
+:class:`TemplateTaskSet`, which builds each task's episodes once and serves them again, and gets
+its ``heldout_tasks`` / ``heldout_episodes`` from :class:`TemplateHeldout` (TextDataModule and
+TemplateDataModule alike).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -33,10 +36,11 @@ import torch
 from tokenizers import Tokenizer
 
 from lit_icl.data.episodes import Episodes
-from lit_icl.data.sources import load_source
+from lit_icl.data.load import load_source
 from lit_icl.data.synthetic import stream_generator
+from lit_icl.data.tokenizer import EOS
 
-__all__ = ["TemplateEpisodes", "TemplateTask", "TemplateTaskSet"]
+__all__ = ["TemplateEpisodes", "TemplateHeldout", "TemplateTask", "TemplateTaskSet"]
 
 QUERIES, DEMOS = 0, 1  # streams of a task's seed
 
@@ -47,8 +51,8 @@ class TemplateTask:
 
     Args:
         name: the task's name in ``heldout_tasks()`` and the logs.
-        source: a local JSON(L)/CSV/parquet file or directory, or a hub dataset name (see
-            :mod:`lit_icl.data.sources`); it must provide ``train_split`` and ``eval_split``
+        source: a local JSON(L)/CSV/parquet file or directory, a named source (``mr``, ``bbc``)
+            or a hub dataset name (see :mod:`lit_icl.data.load`); it must provide ``train_split`` and ``eval_split``
             (a directory holding ``train.jsonl`` and ``validation.jsonl`` does).
         config_name: the hub dataset's configuration (e.g. ``sst2`` of ``nyu-mll/glue``).
         text_field: the column holding the input text.
@@ -238,3 +242,47 @@ class TemplateTaskSet:
         if key not in self._episodes:
             self._episodes[key] = self.examples(key[0]).episodes(tokenizer, n_shots, num_episodes, pad_id=pad_id)
         return self._episodes[key]
+
+
+class TemplateHeldout:
+    """``heldout_tasks`` and ``heldout_episodes`` of a DataModule whose ICL tasks are template
+    tasks: the DataModule calls :meth:`_set_tasks` in its ``__init__`` (after
+    ``save_hyperparameters``) and has ``tokenizer`` and ``num_heldout`` attributes."""
+
+    tasks: TemplateTaskSet
+    tokenizer: Tokenizer
+    num_heldout: int
+
+    def _set_tasks(self, templates: Sequence[TemplateTask | dict], cache_dir: str) -> None:
+        """Keep ``templates`` as ``self.tasks`` (datasets prepared under ``<cache_dir>/hf``), and
+        as plain dicts in the hyperparameters (so in checkpoints)."""
+        self.tasks = TemplateTaskSet(templates, type(self).__name__, cache_dir=os.path.join(cache_dir, "hf"))
+        self.hparams["templates"] = self.tasks.as_dicts()
+
+    @property
+    def pad_id(self) -> int:
+        """Padding of episodes and batches: ``<|endoftext|>`` when the tokenizer has it, else 0
+        (padding is masked or unscored either way)."""
+        eos = self.tokenizer.token_to_id(EOS)
+        return 0 if eos is None else eos
+
+    def load_tasks(self) -> None:
+        """Load every task's examples (a hub dataset downloads here)."""
+        for name in self.tasks.names():
+            self.tasks.examples(name)
+
+    def heldout_tasks(self) -> list[str]:
+        """The names of the template tasks, in order."""
+        return self.tasks.names()
+
+    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes:
+        """Template task ``task``'s episodes (the first task's when ``None``), tokenized by the
+        DataModule's tokenizer; the same on every call.
+
+        Args:
+            n_shots: demonstrations per episode (train examples).
+            num_episodes: number of episodes (validation examples); ``num_heldout`` when ``None``.
+            task: one of :meth:`heldout_tasks`, or ``None``.
+        """
+        num_episodes = self.num_heldout if num_episodes is None else num_episodes
+        return self.tasks.episodes(self.tokenizer, n_shots, num_episodes, task, pad_id=self.pad_id)

@@ -3,7 +3,7 @@
 Pipeline (every step cached under ``cache_dir/text/<key>/``, ``key`` a hash of the corpus, its
 local files' sizes and modification times, the split and tokenizer settings):
 
-1. ``load_source(corpus)`` (:mod:`lit_icl.data.sources`): local text / JSONL / parquet files or a
+1. ``load_source(corpus)`` (:mod:`lit_icl.data.load`): local text / JSONL / parquet files or a
    hub dataset, through ``datasets.load_dataset``. Validation is the corpus's ``val_split`` if it
    has one, else a seeded random ``val_fraction`` of the training documents (at least one).
 2. A byte-level BPE tokenizer (:mod:`lit_icl.data.tokenizer`) trained on the training split,
@@ -22,7 +22,8 @@ epoch from ``(seed, epoch)``, each DDP rank its own strided share, and the posit
 checkpoint, so a run killed mid-epoch resumes at the next batch (validation batches come from a
 plain DataLoader, which Lightning's DistributedSampler shards). The tokenizer is also written next
 to the run (``<log_dir>/tokenizer.json``) and into every checkpoint (``state_dict``), and a
-checkpoint can be given back as ``tokenizer_path``.
+checkpoint can be given back as ``tokenizer_path`` (read by :mod:`lit_icl.data.tokenizer`). The
+held-out episodes are the template tasks' (:class:`~lit_icl.data.templates.TemplateHeldout`).
 """
 
 from __future__ import annotations
@@ -44,14 +45,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lit_icl.data.batches import ResumableBatches
-from lit_icl.data.episodes import Episodes
-from lit_icl.data.fetch import default_cache_dir
-from lit_icl.data.sources import load_source, local_files
+from lit_icl.data.batches import ResumableBatches, next_token_batch
+from lit_icl.data.load import load_source, local_files
 from lit_icl.data.synthetic import check_at_least
-from lit_icl.data.templates import TemplateTask, TemplateTaskSet
-from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, save_tokenizer, tokenizer_sha, train_bpe
-from lit_icl.files import load_checkpoint
+from lit_icl.data.templates import TemplateHeldout, TemplateTask
+from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, read_tokenizer, save_tokenizer, tokenizer_sha, train_bpe
+from lit_icl.sources import default_cache_dir
 
 __all__ = ["TextDataModule", "pack"]
 
@@ -75,17 +74,14 @@ def _pack(batch: dict, block_size: int) -> dict:
     return {"ids": pack(batch["ids"], block_size)}
 
 
-def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return _windows({"ids": torch.stack([r["ids"] for r in rows])})
+def _blocks(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Blocks of ``block_size + 1`` tokens, as columns ``{"ids": [B, block_size + 1]}`` (from
+    ResumableBatches) or as rows (from a DataLoader), as next-token pairs."""
+    ids = batch["ids"] if isinstance(batch, dict) else torch.stack([row["ids"] for row in batch])
+    return next_token_batch(ids)
 
 
-def _windows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blocks ``{"ids": [B, block_size + 1]}`` as next-token pairs ``input_ids``, ``labels``."""
-    ids = batch["ids"].long()
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-
-
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(TemplateHeldout, pl.LightningDataModule):
     """Language modelling on a text corpus, with template-based ICL episodes for evaluation.
 
     Args:
@@ -147,10 +143,9 @@ class TextDataModule(pl.LightningDataModule):
         if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
             raise ValueError(f"{owner}: tokenizer_path {tokenizer_path!r} is not a file")
         self.cache_dir = cache_dir or default_cache_dir()
-        self.tasks = TemplateTaskSet(templates, owner, cache_dir=os.path.join(self.cache_dir, "hf"))
-        self.templates = self.tasks.tasks
         self.save_hyperparameters(ignore=["templates"])
-        self.hparams["templates"] = self.tasks.as_dicts()  # plain dicts in checkpoints
+        self._set_tasks(templates, self.cache_dir)
+        self.templates = self.tasks.tasks
         self.corpus, self.corpus_config, self.text_field = corpus, corpus_config, text_field
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.block_size, self._vocab_size, self.min_frequency = block_size, vocab_size, min_frequency
@@ -177,21 +172,7 @@ class TextDataModule(pl.LightningDataModule):
             self._build()
         return self._tokenizer
 
-    @staticmethod
-    def read_tokenizer(path: str) -> Tokenizer:
-        """A tokenizer from a ``tokenizer.json`` or from a checkpoint's TextDataModule state."""
-        if not path.endswith(".ckpt"):
-            return Tokenizer.from_file(path)
-        tokenizer = TextDataModule.tokenizer_from_checkpoint(load_checkpoint(path))
-        if tokenizer is None:
-            raise ValueError(f"checkpoint {path!r} holds no {TextDataModule.__qualname__} tokenizer")
-        return tokenizer
-
-    @staticmethod
-    def tokenizer_from_checkpoint(checkpoint: dict) -> Tokenizer | None:
-        """The tokenizer a loaded checkpoint keeps in its TextDataModule state, or None."""
-        state = checkpoint.get(TextDataModule.__qualname__)
-        return Tokenizer.from_str(state["tokenizer"]) if state and "tokenizer" in state else None
+    read_tokenizer = staticmethod(read_tokenizer)  # lit_icl.data.tokenizer.read_tokenizer, also by this name
 
     def _key(self, given: Tokenizer | None) -> str:
         """The cache entry's name: a hash of everything the blocks depend on, but ``block_size``
@@ -285,8 +266,7 @@ class TextDataModule(pl.LightningDataModule):
         """Build the cache (local rank 0 of each node): corpus, tokenizer, tokens, blocks; and
         load the template tasks' datasets (a hub dataset downloads here)."""
         self._build()
-        for name in self.tasks.names():
-            self.tasks.examples(name)
+        self.load_tasks()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cache (built by ``prepare_data``), and write ``tokenizer.json`` into the
@@ -302,14 +282,14 @@ class TextDataModule(pl.LightningDataModule):
         if not self._blocks:
             self._build()
         return DataLoader(self._blocks[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=_collate)
+                          persistent_workers=self.num_workers > 0, collate_fn=_blocks)
 
     def train_dataloader(self) -> ResumableBatches:
         """Shuffled per epoch from (seed, epoch) alone, resumable mid-epoch from a checkpoint,
         sharded across DDP ranks (see :mod:`lit_icl.data.batches`)."""
         if not self._blocks:
             self._build()
-        return ResumableBatches(self._blocks["train"], self.batch_size, seed=self.seed, collate=_windows,
+        return ResumableBatches(self._blocks["train"], self.batch_size, seed=self.seed, collate=_blocks,
                                 num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -330,19 +310,3 @@ class TextDataModule(pl.LightningDataModule):
                 "TextDataModule: the checkpoint was trained with another tokenizer than this run's; pass the "
                 "checkpoint as --data.init_args.tokenizer_path to use its tokenizer"
             )
-
-    def heldout_tasks(self) -> list[str]:
-        """The names of the template tasks, in order."""
-        return self.tasks.names()
-
-    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes:
-        """Template task ``task``'s episodes (the first task's when ``None``), tokenized by the
-        run's tokenizer; the same on every call (see :mod:`lit_icl.data.templates`).
-
-        Args:
-            n_shots: demonstrations per episode (train examples).
-            num_episodes: number of episodes (validation examples); ``num_heldout`` when ``None``.
-            task: one of :meth:`heldout_tasks`, or ``None``.
-        """
-        num_episodes = self.num_heldout if num_episodes is None else num_episodes
-        return self.tasks.episodes(self.tokenizer, n_shots, num_episodes, task, pad_id=self.tokenizer.token_to_id(EOS))

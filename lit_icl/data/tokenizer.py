@@ -1,9 +1,16 @@
-"""The byte-level BPE tokenizer of text runs, trained with HF ``tokenizers``.
+"""Tokenizers: the byte-level BPE tokenizer that text runs train with HF ``tokenizers``, and
+reading a model's tokenizer wherever it is kept.
 
-GPT-2 style: the ByteLevel pre-tokenizer maps every byte to a visible symbol and splits words
-(a space attaches to the word after it), so any string round-trips exactly through ``encode`` and
-``decode``, and the alphabet is the 256 byte symbols (always in the vocabulary) plus the special
-``<|endoftext|>`` (id 0), which separates documents in packed training text.
+Training (:func:`train_bpe`), GPT-2 style: the ByteLevel pre-tokenizer maps every byte to a
+visible symbol and splits words (a space attaches to the word after it), so any string
+round-trips exactly through ``encode`` and ``decode``, and the alphabet is the 256 byte symbols
+(always in the vocabulary) plus the special ``<|endoftext|>`` (id 0), which separates documents
+in packed training text.
+
+Reading (:func:`read_tokenizer`): a ``tokenizer.json``, a Hugging Face model directory holding
+one, a named model of :mod:`lit_icl.sources` (``smollm2-135m``, fetched on first use), or a
+Lightning checkpoint of a run whose TextDataModule saved its tokenizer in the checkpoint
+(:func:`checkpoint_tokenizer` also finds a pretrained model's own tokenizer).
 """
 
 from __future__ import annotations
@@ -15,10 +22,15 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["EOS", "MIN_VOCAB_SIZE", "save_tokenizer", "tokenizer_sha", "train_bpe"]
+from lit_icl.files import load_checkpoint
+from lit_icl.sources import SOURCES, model_directory
+
+__all__ = ["CHECKPOINT_KEY", "EOS", "MIN_VOCAB_SIZE", "checkpoint_tokenizer", "read_tokenizer", "save_tokenizer",
+           "tokenizer_file", "tokenizer_sha", "train_bpe"]
 
 EOS = "<|endoftext|>"
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
+CHECKPOINT_KEY = "TextDataModule"  # where Lightning keeps TextDataModule.state_dict() in a checkpoint
 
 
 def train_bpe(texts: Iterable[str] | Iterator[list[str]], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -59,3 +71,37 @@ def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
         f.write(tokenizer.to_str(pretty=True))
     os.replace(f.name, path)
+
+
+def tokenizer_file(spec: str) -> str:
+    """The tokenizer file ``spec`` names: a named model's ``tokenizer.json`` (fetched on first
+    use), a directory's ``tokenizer.json``, or the file itself (``tokenizer.json`` or ``.ckpt``)."""
+    path = model_directory(spec)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer={spec!r}: {path} is not a file; give a tokenizer.json, a model directory "
+                         f"holding one, a checkpoint or a named model {sorted(SOURCES)}")
+    return path
+
+
+def checkpoint_tokenizer(checkpoint: dict) -> Tokenizer | None:
+    """The tokenizer a loaded checkpoint's run used: the one its TextDataModule saved in it, else
+    the pretrained model's own (``tokenizer.json`` beside its weights), else None."""
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if state and "tokenizer" in state:
+        return Tokenizer.from_str(state["tokenizer"])
+    pretrained = checkpoint.get("hyper_parameters", {}).get("pretrained")
+    return Tokenizer.from_file(tokenizer_file(pretrained)) if pretrained else None
+
+
+def read_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer ``spec`` names: a ``tokenizer.json``, a model directory holding one, a named
+    model, or a checkpoint (``.ckpt``, loaded without running pickled code) that carries one."""
+    path = tokenizer_file(spec)
+    if not path.endswith(".ckpt"):
+        return Tokenizer.from_file(path)
+    tokenizer = checkpoint_tokenizer(load_checkpoint(path))
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {path!r} holds no {CHECKPOINT_KEY} tokenizer and names no pretrained model")
+    return tokenizer

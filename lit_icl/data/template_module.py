@@ -2,67 +2,36 @@
 in-context learning of a model trained elsewhere (a pretrained checkpoint under ``lit-icl validate``).
 
 The tokenizer is the model's: a ``tokenizer.json``, a Hugging Face model directory holding one, a
-named model (``smollm2-135m``, fetched on first use, see :mod:`lit_icl.data.named`), or a
-checkpoint of a run with a TextDataModule. The held-out episodes are the tasks' template episodes
-(:class:`~lit_icl.data.templates.TemplateTaskSet`), as for a TextDataModule. The validation
-batches are the tasks' validation examples, one per row, each the template filled with its text
-and label word (a demonstration as the episodes show it), truncated to ``block_size + 1`` tokens:
-``input_ids`` right-padded (a causal model's earlier positions do not see the padding) and
-``labels`` the next tokens, ``-100`` at padding, so the validation loss is the language-modelling
-loss on the formatted examples.
+named model (``smollm2-135m``, fetched on first use, see :mod:`lit_icl.sources`), or a
+checkpoint of a run with a TextDataModule (read by :mod:`lit_icl.data.tokenizer`). The held-out
+episodes are the tasks' template episodes (:class:`~lit_icl.data.templates.TemplateHeldout`), as
+for a TextDataModule. The validation batches are the tasks' validation examples, one per row, each
+the template filled with its text and label word (a demonstration as the episodes show it),
+truncated to ``block_size + 1`` tokens: ``input_ids`` right-padded (a causal model's earlier
+positions do not see the padding) and ``labels`` the next tokens, ``-100`` at padding
+(:func:`~lit_icl.data.batches.next_token_batch`), so the validation loss is the
+language-modelling loss on the formatted examples.
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Sequence
 
 import lightning.pytorch as pl
-import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lit_icl.data.episodes import Episodes
-from lit_icl.data.fetch import default_cache_dir
-from lit_icl.data.named import SOURCES, resolve
-from lit_icl.data.synthetic import IGNORE_INDEX, check_at_least
-from lit_icl.data.templates import TemplateTask, TemplateTaskSet
-from lit_icl.data.text import TextDataModule
-from lit_icl.data.tokenizer import EOS
+from lit_icl.data.batches import next_token_batch
+from lit_icl.data.synthetic import check_at_least
+from lit_icl.data.templates import TemplateHeldout, TemplateTask
+from lit_icl.data.tokenizer import read_tokenizer
+from lit_icl.sources import SOURCES, default_cache_dir
 
-__all__ = ["TemplateDataModule", "tokenizer_file"]
+__all__ = ["TemplateDataModule"]
 
 
-def tokenizer_file(spec: str) -> str:
-    """The tokenizer file ``spec`` names: a named model's ``tokenizer.json`` (fetched on first
-    use), a directory's ``tokenizer.json``, or the file itself (``tokenizer.json`` or ``.ckpt``)."""
-    path = os.path.expanduser(spec)
-    if spec in SOURCES and not os.path.exists(path):
-        if SOURCES[spec].kind != "model":
-            raise ValueError(f"tokenizer={spec!r} is a data source; the named models are "
-                             f"{sorted(n for n, s in SOURCES.items() if s.kind == 'model')}")
-        path = resolve(spec)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"tokenizer={spec!r}: {path} is not a file; give a tokenizer.json, a model directory "
-                         f"holding one, a checkpoint or a named model {sorted(SOURCES)}")
-    return path
-
-
-def _collate(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` and next-token ``labels`` (``-100`` at padding) of token rows."""
-    width = max(len(r) for r in rows) - 1
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids = torch.tensor(row, dtype=torch.long)
-        input_ids[i, : len(row) - 1], labels[i, : len(row) - 1] = ids[:-1], ids[1:]
-    return {"input_ids": input_ids, "labels": labels}
-
-
-class TemplateDataModule(pl.LightningDataModule):
+class TemplateDataModule(TemplateHeldout, pl.LightningDataModule):
     """Template tasks for ICL evaluation, with the tasks' formatted validation examples as the
     validation set (no training data: for ``lit-icl validate``).
 
@@ -99,9 +68,8 @@ class TemplateDataModule(pl.LightningDataModule):
         check_at_least(owner, [("num_heldout", num_heldout, 1), ("batch_size", batch_size, 1),
                                ("block_size", block_size, 1), ("num_workers", num_workers, 0)])
         self.cache_dir = cache_dir or default_cache_dir()
-        self.tasks = TemplateTaskSet(templates, owner, cache_dir=os.path.join(self.cache_dir, "hf"))
         self.save_hyperparameters(ignore=["templates"])
-        self.hparams["templates"] = self.tasks.as_dicts()
+        self._set_tasks(templates, self.cache_dir)
         self.tokenizer_spec, self.num_heldout, self.batch_size = tokenizer, num_heldout, batch_size
         self.block_size, self.num_workers = block_size, num_workers
         self._tokenizer: Tokenizer | None = None
@@ -111,7 +79,7 @@ class TemplateDataModule(pl.LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (a named model is fetched on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = TextDataModule.read_tokenizer(tokenizer_file(self.tokenizer_spec))
+            self._tokenizer = read_tokenizer(self.tokenizer_spec)
         return self._tokenizer
 
     @property
@@ -124,18 +92,10 @@ class TemplateDataModule(pl.LightningDataModule):
         """The longest validation example: ``block_size`` tokens."""
         return self.block_size
 
-    @property
-    def pad_id(self) -> int:
-        """Padding of episodes and batches: ``<|endoftext|>`` when the tokenizer has it, else 0
-        (padding is masked or unscored either way)."""
-        eos = self.tokenizer.token_to_id(EOS)
-        return 0 if eos is None else eos
-
     def prepare_data(self) -> None:
         """Fetch the tokenizer and load every task's examples (downloads happen here)."""
         self.tokenizer
-        for name in self.tasks.names():
-            self.tasks.examples(name)
+        self.load_tasks()
 
     def validation_rows(self) -> list[list[int]]:
         """Token ids of every task's validation examples, formatted with their label words, in
@@ -151,17 +111,7 @@ class TemplateDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.validation_rows(), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=partial(_collate, pad_id=self.pad_id))
+                          num_workers=self.num_workers, collate_fn=partial(next_token_batch, pad_id=self.pad_id))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-    def heldout_tasks(self) -> list[str]:
-        """The names of the template tasks, in order."""
-        return self.tasks.names()
-
-    def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes:
-        """Template task ``task``'s episodes (the first task's when ``None``), tokenized by the
-        model's tokenizer; the same on every call (see :mod:`lit_icl.data.templates`)."""
-        num_episodes = self.num_heldout if num_episodes is None else num_episodes
-        return self.tasks.episodes(self.tokenizer, n_shots, num_episodes, task, pad_id=self.pad_id)

