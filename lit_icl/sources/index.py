@@ -140,37 +140,26 @@ class Candidate:
 
 
 class _Links(HTMLParser):
-    """The ``<a href>`` links (and their text) of a PEP 503 page, and its ``<base href>``."""
+    """The ``<a href>`` targets of a PEP 503 page, and its ``<base href>``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.links: list[tuple[str, str]] = []
+        self.links: list[str] = []
         self.base: str | None = None
-        self._href: str | None = None
-        self._text: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = dict(attrs)
         if tag == "base" and values.get("href") and self.base is None:
             self.base = values["href"]
         elif tag == "a" and values.get("href"):
-            self._href, self._text = values["href"], []
-
-    def handle_data(self, data: str) -> None:
-        if self._href is not None:
-            self._text.append(data)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "a" and self._href is not None:
-            self.links.append((self._href, "".join(self._text).strip()))
-            self._href = None
+            self.links.append(values["href"])
 
 
-def _candidate(url: str, text: str = "", hashes: dict[str, str] | None = None) -> Candidate:
-    """A candidate from a link: its name is the URL path's last part (else the link text), its
-    hashes the ``#sha256=...`` fragment's when none are given."""
+def _candidate(url: str, filename: str | None = None, hashes: dict[str, str] | None = None) -> Candidate:
+    """A candidate from a link: named ``filename`` (PEP 691 gives it) or, as pip names a link,
+    by the URL path's last part; its hashes the ``#sha256=...`` fragment's when none are given."""
     parts = urllib.parse.urlsplit(url)
-    filename = urllib.parse.unquote(posixpath.basename(parts.path)) or text
+    filename = filename or urllib.parse.unquote(posixpath.basename(parts.path))
     if hashes is None:
         algorithm, _, digest = parts.fragment.partition("=")
         hashes = {algorithm: digest} if digest and algorithm in hashlib.algorithms_guaranteed else {}
@@ -187,7 +176,7 @@ def parse_page(body: bytes, url: str, content_type: str) -> list[Candidate]:
     parser = _Links()
     parser.feed(body.decode("utf-8", errors="replace"))
     base = urllib.parse.urljoin(url, parser.base) if parser.base else url
-    return [_candidate(urllib.parse.urljoin(base, href), text) for href, text in parser.links]
+    return [_candidate(urllib.parse.urljoin(base, href)) for href in parser.links]
 
 
 def _host(url: str) -> tuple[str, str]:
@@ -265,18 +254,19 @@ class Session:
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             request.add_unredirected_header("Authorization", f"Basic {token}")
-        opener = self.openers[self.trusted(url)]
-        for attempt in range(self.settings.retries + 1):
+        opener, attempt = self.openers[self.trusted(url)], 0
+        while True:
             try:
                 return opener.open(request, timeout=self.settings.timeout)
             except urllib.error.HTTPError as err:
-                if err.code not in RETRY_STATUS or attempt == self.settings.retries:
+                err.close()
+                if err.code not in RETRY_STATUS or attempt >= self.settings.retries:
                     raise
             except (urllib.error.URLError, TimeoutError, ConnectionError):
-                if attempt == self.settings.retries:
+                if attempt >= self.settings.retries:
                     raise
             time.sleep(min(0.25 * 2 ** attempt, 8.0))
-        raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _local_path(location: str) -> Path | None:
