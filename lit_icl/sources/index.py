@@ -90,12 +90,11 @@ class PipSettings:
         string values; list options are whitespace-separated, as in pip's configuration."""
         get = options.get
         index = [] if _flag(get("no-index", "")) else [get("index-url") or PYPI, *get("extra-index-url", "").split()]
+        timeout, retries = get("timeout") or get("default-timeout") or "15", get("retries") or "5"
         try:
-            timeout = float(get("timeout") or get("default-timeout") or 15)
-            retries = int(get("retries") or 5)
+            timeout, retries = float(timeout), int(retries)
         except ValueError:
-            raise ValueError(f"pip's timeout / retries must be numbers, got {get('timeout') or get('default-timeout')!r}"
-                             f" / {get('retries')!r}") from None
+            raise ValueError(f"pip's timeout and retries must be numbers, got {timeout!r} and {retries!r}") from None
         return cls(index_urls=index, find_links=get("find-links", "").split(), proxy=get("proxy") or None,
                    cert=get("cert") or None, client_cert=get("client-cert") or None,
                    trusted_hosts=get("trusted-host", "").split(), timeout=timeout, retries=retries)
@@ -110,6 +109,9 @@ class PipSettings:
                                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         except OSError:  # no such interpreter
             proc = None
+        if proc is not None and proc.returncode != 0 and "No module named pip" not in proc.stderr:
+            said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise ValueError(f"{python} -m pip config list failed: {said}")
         sections: dict[str, dict[str, str]] = {}
         if proc is not None and proc.returncode == 0:
             for line in proc.stdout.splitlines():
@@ -207,6 +209,10 @@ class Session:
     def __init__(self, settings: PipSettings) -> None:
         self.settings = settings
         cert = settings.cert
+        for option, path in (("cert", cert), ("client-cert", settings.client_cert)):
+            if path and not os.path.exists(path):
+                raise ValueError(f"pip's {option} {path!r} does not exist (python -m pip config list says where "
+                                 "it is set)")
         context = ssl.create_default_context(cafile=cert if cert and os.path.isfile(cert) else None,
                                              capath=cert if cert and os.path.isdir(cert) else None)
         insecure = ssl.create_default_context()
@@ -214,7 +220,9 @@ class Session:
         for c in (context, insecure):
             if settings.client_cert:
                 c.load_cert_chain(settings.client_cert)
-        proxy = [urllib.request.ProxyHandler({"http": settings.proxy, "https": settings.proxy})] if settings.proxy else []
+        proxy = []
+        if settings.proxy:  # else urllib's default: http_proxy, https_proxy, no_proxy
+            proxy.append(urllib.request.ProxyHandler({"http": settings.proxy, "https": settings.proxy}))
         self.openers = {trusted: urllib.request.build_opener(*proxy, urllib.request.HTTPSHandler(context=c))
                         for trusted, c in ((False, context), (True, insecure))}
         self.credentials: dict[str, tuple[str, str]] = {}  # host[:port] -> (user, password), from the index URLs
@@ -248,7 +256,8 @@ class Session:
         not forwarded on redirects); connection failures and pip's retry statuses are retried
         ``retries`` times with a growing pause."""
         parts = urllib.parse.urlsplit(url)
-        request = urllib.request.Request(_public(url), headers={"User-Agent": "lit_icl", **({"Accept": accept} if accept else {})})
+        headers = {"User-Agent": "lit_icl", **({"Accept": accept} if accept else {})}
+        request = urllib.request.Request(_public(url), headers=headers)
         auth = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")) \
             if parts.username is not None else self._auth(url)
         if auth is not None:
@@ -270,13 +279,11 @@ class Session:
 
 
 def _local_path(location: str) -> Path | None:
-    """The local path of a find-links entry or a file:// URL, else None."""
+    """The local path of a find-links entry or a file:// URL, else None (a URL)."""
     parts = urllib.parse.urlsplit(location)
     if parts.scheme == "file":
         return Path(urllib.request.url2pathname(parts.path))
-    if parts.scheme in ("http", "https"):
-        return None
-    return Path(os.path.expanduser(location))
+    return Path(os.path.expanduser(location)) if len(parts.scheme) <= 1 else None  # a path (C:\\ on Windows)
 
 
 def _listing(session: Session, url: str, project_page: bool) -> list[Candidate]:
@@ -365,7 +372,8 @@ def download(requirement: str, binary: bool, dest: Path, settings: PipSettings |
     if found.filename != os.path.basename(found.filename) or found.filename.startswith("."):
         raise ValueError(f"{requirement}: the index names its file {found.filename!r}, not a plain file name")
     target = Path(dest) / found.filename
-    algorithm = "sha256" if "sha256" in found.hashes else next(iter(found.hashes), None)
+    algorithm = next((a for a in ("sha256", *sorted(found.hashes)) if a in found.hashes
+                      and a in hashlib.algorithms_guaranteed), None)  # the index's hash to check
     digest = hashlib.new(algorithm) if algorithm else None
     local = _local_path(found.url)
     try:
@@ -377,7 +385,8 @@ def download(requirement: str, binary: bool, dest: Path, settings: PipSettings |
     except urllib.error.HTTPError as err:
         raise ValueError(f"downloading {_public(found.url)} failed: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        raise RegistryUnreachableError(f"downloading {_public(found.url)} failed: {getattr(err, 'reason', None) or err}") from None
+        reason = getattr(err, "reason", None) or err
+        raise RegistryUnreachableError(f"downloading {_public(found.url)} failed: {reason}") from None
     if digest is not None and digest.hexdigest() != found.hashes[algorithm]:
         target.unlink()
         raise ValueError(f"{found.filename}: {algorithm} {digest.hexdigest()} differs from the index's "
