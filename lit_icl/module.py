@@ -19,7 +19,7 @@ from lit_icl.data.batches import IGNORE_INDEX
 from lit_icl.model import BakedContext, TransformerConfig, TransformerLM
 from lit_icl.sources import model_directory
 
-__all__ = ["LitTransformerLM", "lr_lambda", "model_directory"]
+__all__ = ["LitTransformerLM", "lr_lambda"]
 
 RUNTIME_FIELDS = ("dropout", "chunk_size")  # change no weight: a pretrained model takes them from `config`
 
