@@ -283,11 +283,8 @@ class ICLConversionCallback(Callback):
         everything = self.episodes[(task, k)]
         randoms = self._random_updates(len(everything), model.config, trainer)
         episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
-        metrics = ICLMetrics(model.config.n_layer, conversions(model, self.approximate)).to(device)
-        base = None
-        if self.untrained_baseline:
-            base = self.untrained_model(model).to(device)
-            metrics.untrained = ICLMetrics(model.config.n_layer, []).to(device)
+        metrics = ICLMetrics(model.config.n_layer, conversions(model, self.approximate), self.untrained_baseline).to(device)
+        base = self.untrained_model(model).to(device) if self.untrained_baseline else None
         with evaluating(model):
             for sl, group in batches(episodes, self.batch_size):
                 runs = EpisodeRuns(model, group, self.finetune_kwargs, self.approximate)

@@ -95,10 +95,13 @@ class EpisodeRuns:
 
 
 class ICLMetrics(torch.nn.Module):
-    """Every metric of one shot count; `update` with an EpisodeRuns, `compute` to a dict."""
+    """Every metric of one shot count; `update` with an EpisodeRuns, `compute` to a dict. With
+    `untrained`, `self.untrained` holds the same metrics (no conversions) for the runs of an
+    untrained model, updated by the caller and computed with these under the suffix `_untrained`."""
 
-    def __init__(self, n_layer: int, converted: Sequence[Conversion]):
+    def __init__(self, n_layer: int, converted: Sequence[Conversion], untrained: bool = False):
         super().__init__()
+        self.untrained = ICLMetrics(n_layer, []) if untrained else None
         self.names = prediction_names(converted)
         self.acc = torch.nn.ModuleDict({name: CandidateAccuracy() for name in self.names})
         self.errors = torch.nn.ModuleDict({c.name: ConversionError() for c in converted})
@@ -125,14 +128,14 @@ class ICLMetrics(torch.nn.Module):
     def compute(self) -> dict[str, float]:
         """Accuracies `<prediction>_acc`; the exact conversion's `max_abs_logit_diff` and
         `rel_logit_err` (to the prompted logits), an approximate one's with `_<mode>` appended;
-        with an untrained baseline (`self.untrained`), its metrics with `_untrained` appended."""
+        with an untrained baseline, its metrics with `_untrained` appended."""
         row = {f"{name}_acc": float(m.compute()) for name, m in self.acc.items()}
         for name, error in self.errors.items():
             err, suffix = error.compute(), self.suffixes[name]
             row[f"max_abs_logit_diff{suffix}"], row[f"rel_logit_err{suffix}"] = float(err["max_abs"]), float(err["relative"])
         for name in ("rec2ftp", "simaou", "simaou_random", "simam_icl_ft", "simam_icl_zsl"):
             row[name] = float(getattr(self, name).compute())
-        if getattr(self, "untrained", None) is not None:
+        if self.untrained is not None:
             row.update({f"{name}_untrained": v for name, v in self.untrained.compute().items()})
         return row
 

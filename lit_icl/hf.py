@@ -1,7 +1,9 @@
-"""Load a local Hugging Face checkpoint into a softmax TransformerLM (no download).
+"""Hugging Face checkpoints in TransformerLM's terms (no download): `TransformerLM.from_hf(dir)`.
 
-`from_hf(dir)` reads config.json and the weights (model.safetensors, a sharded
-model.safetensors.index.json, or pytorch_model.bin) and dispatches on `model_type`:
+This module translates; it builds no model and imports nothing of it, only the config.
+`read_checkpoint(dir)` reads config.json and the weights (model.safetensors, a sharded
+model.safetensors.index.json, or pytorch_model.bin) and dispatches on `model_type` to a
+TransformerConfig and a state dict under TransformerLM's names:
 
 - "gpt2": pre-LayerNorm, learned positions, tanh-GELU MLP, biases everywhere, tied head:
   TransformerLM(position="learned", activation="gelu_tanh"). Its Conv1D layers store weights
@@ -10,8 +12,9 @@ model.safetensors.index.json, or pytorch_model.bin) and dispatches on `model_typ
   checkpoint's rope_theta in the rotate-half layout, grouped-query attention, no biases, tied
   or untied head: TransformerLM(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=...).
 
-`from_hf_state(config, weights)` does the same from a config dict and a state dict already in
-memory (for example those of a transformers model read from a GGUF file).
+`translate(config, weights)` does the same from a config dict and a state dict already in memory
+(for example those of a transformers model read from a GGUF file;
+`TransformerLM.from_hf_state`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_icl.model import TransformerConfig, TransformerLM
+from lit_icl.config import TransformerConfig
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
@@ -148,33 +151,23 @@ def loader(config: dict):
     return LOADERS[model_type]
 
 
-def _model(config: dict, weights: Callable[[], dict[str, Tensor]]) -> TransformerLM:
+def translate(config: dict, weights: Callable[[], dict[str, Tensor]]) -> tuple[TransformerConfig, dict[str, Tensor]]:
+    """The TransformerConfig of a Hugging Face config dict and the state dict `weights()` renamed
+    to TransformerLM's names (float32, contiguous; a tied head as the embedding). The config is
+    checked first, so every config error comes before the (possibly large) weights are read."""
     make_config, rename = loader(config)
-    cfg = make_config(config)  # every config error before the (possibly large) weights are read
+    cfg = make_config(config)
     ours = {k: v.float().contiguous() for k, v in rename(cfg, weights()).items()}
     if cfg.tie_weights:
         ours["lm_head.weight"] = ours["wte.weight"]
-    with torch.device("meta"):  # no random init of weights that are overwritten next
-        model = TransformerLM(cfg)
-    model.load_state_dict(ours, strict=True, assign=True)
-    if cfg.tie_weights:
-        model.lm_head.weight = model.wte.weight
-    return model.eval()
+    return cfg, ours
 
 
-def from_hf_state(config: dict, weights: dict[str, Tensor]) -> TransformerLM:
-    """TransformerLM (float32, eval mode) from a Hugging Face config dict and its state dict."""
-    return _model(config, lambda: weights)
-
-
-def from_hf(path: str | Path) -> TransformerLM:
-    """TransformerLM (float32, eval mode) with the weights of the Hugging Face checkpoint in the
-    directory `path` (model_type "gpt2" or "llama")."""
-    return _model(read_config(path), lambda: read_weights(Path(path)))
-
-
-def from_hf_gpt2(path: str | Path) -> TransformerLM:
-    """`from_hf` for a GPT-2 directory only: ValueError for any other model_type."""
+def read_checkpoint(path: str | Path, gpt2_only: bool = False) -> tuple[TransformerConfig, dict[str, Tensor]]:
+    """`translate` of the checkpoint in the local directory `path`; with `gpt2_only`, any other
+    model_type is refused (ValueError) before the weights are read."""
     config = read_config(path)
-    gpt2_config(config)
-    return _model({**config, "model_type": "gpt2"}, lambda: read_weights(Path(path)))
+    if gpt2_only:
+        gpt2_config(config)  # raises for any other model_type, naming it
+        config = {**config, "model_type": "gpt2"}
+    return translate(config, lambda: read_weights(Path(path)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lit_icl.model import TransformerConfig
+    from lit_icl.config import TransformerConfig
 
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # -> nn.GELU(approximate=...)
 NORMS = ("layernorm", "rmsnorm")

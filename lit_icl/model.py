@@ -9,9 +9,9 @@ which is all that exact conversion of in-context learning needs (Chen et al. 202
     out = model.run(demo_ids, need_state=True)           # one pass over the demonstrations
     model(query_ids, state=out)                          # == model(cat(demo, query))[:, M:]
 
-A state is any object with `layers` (one `lit_icl.mixers.LayerState` per block), `offset` ([B]
-long, the tokens already seen per row) and `last_token` ([B] long, the last token seen, -1 for
-none; token shift reads it); `lit_icl.context.ContextState` is the public one.
+What `run(state=...)` continues from is declared once, by the `ModelState` protocol: per-layer
+states, offsets and last tokens. `LMOutput` (run with need_state), `lit_icl.context.ContextState`
+(the public one: files, select, bake) and `BakedContext` (a state held as buffers) provide it.
 
 The same model holds GPT-2 (LayerNorm, GELU MLP, learned positions) and the Llama family
 (RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases); `lit_icl.hf`
@@ -23,124 +23,29 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lit_icl.layers import ACTIVATIONS, MLPS, NORMS, RESIDUAL_PROJECTIONS, make_mlp, make_norm, shift_tokens
+from lit_icl.config import TransformerConfig
+from lit_icl.hf import read_checkpoint, translate
+from lit_icl.layers import RESIDUAL_PROJECTIONS, make_mlp, make_norm, shift_tokens
 from lit_icl.mixers import MIXERS, LayerState, MixerOutput, Pass
-from lit_icl.ops import FEATURE_MAPS
 
-POSITIONS = ("learned", "rope", "none")
 LOGITS_AT = ("all", "last", "none")
 
 
-@dataclass
-class TransformerConfig:
-    """Model hyperparameters; invalid values raise ValueError naming the field."""
+@runtime_checkable
+class ModelState(Protocol):
+    """A state the model continues from: `layers` (one `lit_icl.mixers.LayerState` per block),
+    `offset` ([B] long, the tokens already seen per row) and `last_token` ([B] long, the last
+    token seen, -1 for none; token shift reads it). A batch-1 state serves every row."""
 
-    vocab_size: int
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    attention: Union[str, list[str]] = "linear"  # a registered mixer (lit_icl.mixers.MIXERS): "linear" |
-    # "softmax" | "retention" | "simple_gla" | "gla" | "deltanet"; or one per layer (a hybrid stack)
-    feature_map: str = "elu"  # linear attention's phi: "elu" | "relu" | "taylor"
-    momentum: float = 0.0  # eta of momentum attention (Dai et al. 2023); 0 = off
-    position: str = "learned"  # "learned" | "rope" | "none"
-    dropout: float = 0.0
-    bias: bool = True
-    chunk_size: int = 32  # chunk length of the chunked linear attention / momentum (bench.py sweep)
-    tie_weights: bool = True  # share token embedding and output head
-    token_shift: bool = False  # add the previous token's embedding to each token's input
-    activation: str = "gelu"  # GELU of mlp="gelu": "gelu" (exact) | "gelu_tanh" (GPT-2)
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (Zhang & Sennrich 2019; Llama)
-    norm_eps: float = 1e-5  # epsilon of every norm (Llama: the checkpoint's rms_norm_eps)
-    mlp: str = "gelu"  # "gelu": Linear-GELU-Linear | "swiglu": down(silu(gate x) * up x) (Llama)
-    mlp_hidden: Optional[int] = None  # MLP width (Llama: intermediate_size); None = 4 * n_embd
-    n_kv_head: Optional[int] = None  # key/value heads of softmax attention (grouped-query
-    # attention, Ainslie et al. 2023): each serves n_head / n_kv_head query heads; None = n_head
-    rope_theta: float = 10000.0  # RoPE base of position="rope" (Llama: the checkpoint's rope_theta)
-    qk_norm: Optional[str] = None  # recurrent kinds' q and k: "l2" (SiLU, then L2-normalised per head, as in
-    # DeltaNet, Yang et al. 2024) | "none" (raw); None = each kind's own (deltanet "l2", the others "none")
-
-    def __post_init__(self):
-        optional = ("mlp_hidden", "n_kv_head")
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size", *optional):
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        if not isinstance(self.attention, str):
-            self.attention = list(self.attention)
-            if len(self.attention) != self.n_layer:
-                raise ValueError(f"attention={self.attention!r} names {len(self.attention)} layers; "
-                                 f"n_layer={self.n_layer} needs one kind per layer (or one name for all)")
-        for kind in self.kinds:
-            if kind not in MIXERS:
-                raise ValueError(f"attention={kind!r}; allowed: {list(MIXERS)}, or a list of these, one per layer")
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map={self.feature_map!r}; allowed: {sorted(FEATURE_MAPS)}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"position={self.position!r}; allowed: {list(POSITIONS)}")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"position='rope' needs an even head size, got {self.head_dim}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r}; allowed: {list(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        grouped = [name for name, mixer in MIXERS.items() if mixer.grouped_query]
-        if self.kv_heads != self.n_head and not set(self.kinds) <= set(grouped):
-            allowed = " or ".join(repr(name) for name in grouped)
-            raise ValueError(f"n_kv_head={self.n_kv_head} (grouped-query attention) needs attention={allowed}")
-        if self.qk_norm is not None:
-            takes = {kind: MIXERS[kind].qk_norms for kind in self.kinds if MIXERS[kind].qk_norms}
-            allowed = sorted({n for norms in takes.values() for n in norms})
-            if not takes:
-                raise ValueError(f"qk_norm={self.qk_norm!r} applies to the recurrent kinds only; attention={self.attention!r}")
-            refused = [kind for kind, norms in takes.items() if self.qk_norm not in norms]
-            if refused:
-                raise ValueError(f"qk_norm={self.qk_norm!r} is not available for {refused[0]} attention; allowed: "
-                                 f"{list(takes[refused[0]]) if self.qk_norm in allowed else allowed}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}; allowed: {list(NORMS)}")
-        if self.mlp not in MLPS:
-            raise ValueError(f"mlp={self.mlp!r}; allowed: {list(MLPS)}")
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """Each layer's attention kind."""
-        return (self.attention,) * self.n_layer if isinstance(self.attention, str) else tuple(self.attention)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads: n_kv_head, or n_head when None."""
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def hidden(self) -> int:
-        """MLP width: mlp_hidden, or 4 * n_embd when None."""
-        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
+    layers: list[LayerState]
+    offset: Tensor
+    last_token: Tensor
 
 
 @dataclass
@@ -218,17 +123,28 @@ class TransformerLM(nn.Module):
     @classmethod
     def from_hf(cls, path) -> "TransformerLM":
         """A local Hugging Face directory (config.json + safetensors or pytorch_model.bin) of
-        model_type "gpt2" or "llama" as a softmax TransformerLM; see `lit_icl.hf`. No download."""
-        from lit_icl.hf import from_hf
-
-        return from_hf(path)
+        model_type "gpt2" or "llama" as a softmax TransformerLM (float32, eval mode); see
+        `lit_icl.hf`. No download."""
+        return cls._from_checkpoint(*read_checkpoint(path))
 
     @classmethod
     def from_hf_gpt2(cls, path) -> "TransformerLM":
         """`from_hf` for a GPT-2 directory only (ValueError for any other model_type)."""
-        from lit_icl.hf import from_hf_gpt2
+        return cls._from_checkpoint(*read_checkpoint(path, gpt2_only=True))
 
-        return from_hf_gpt2(path)
+    @classmethod
+    def from_hf_state(cls, config: dict, weights: dict[str, Tensor]) -> "TransformerLM":
+        """`from_hf` from a Hugging Face config dict and its state dict already in memory."""
+        return cls._from_checkpoint(*translate(config, lambda: weights))
+
+    @classmethod
+    def _from_checkpoint(cls, cfg: TransformerConfig, weights: dict[str, Tensor]) -> "TransformerLM":
+        with torch.device("meta"):  # no random init of weights that are overwritten next
+            model = cls(cfg)
+        model.load_state_dict(weights, strict=True, assign=True)
+        if cfg.tie_weights:
+            model.lm_head.weight = model.wte.weight
+        return model.eval()
 
     @property
     def mixers(self) -> list[nn.Module]:
@@ -252,7 +168,8 @@ class TransformerLM(nn.Module):
             raise ValueError(f"mode={mode!r} is not available for {kinds} attention; allowed: {list(self.modes)}")
 
     def forward(
-        self, input_ids: Tensor, state=None, attention_mask: Tensor | None = None, check: bool = True
+        self, input_ids: Tensor, state: ModelState | None = None, attention_mask: Tensor | None = None,
+        check: bool = True,
     ) -> Tensor:
         """Logits [B, T, vocab]. With `state`, the input continues after the state's tokens.
         check=False skips the data-dependent input checks (needed under torch.func.vmap)."""
@@ -261,7 +178,7 @@ class TransformerLM(nn.Module):
     def run(
         self,
         input_ids: Tensor,
-        state=None,
+        state: ModelState | None = None,
         attention_mask: Tensor | None = None,
         *,
         need_state: bool = False,
@@ -280,11 +197,11 @@ class TransformerLM(nn.Module):
         positions, new_offset = self._positions(mask, offset, T, exact=check and (layers is not None or mask is not None))
         previous, new_last = shift_tokens(input_ids, mask, last_token)
         x = self.drop(self._embed(input_ids, previous, positions))
-        run = Pass(positions, mask, need_state, need_attn)
+        fwd = Pass(positions, mask, need_state, need_attn)
         out = LMOutput(None, new_offset, new_last, layers=[] if need_state else None)
         for i, block in enumerate(self.blocks):
-            x, mixed = block(x, None if layers is None else layers[i], run)
-            out.collect(mixed, run)
+            x, mixed = block(x, None if layers is None else layers[i], fwd)
+            out.collect(mixed, fwd)
         if logits_at != "none":
             out.logits = self.lm_head(self.ln_f(x[:, -1:] if logits_at == "last" else x))
         return out
@@ -330,7 +247,7 @@ class TransformerLM(nn.Module):
             x = x + self.wpe(positions)
         return x
 
-    def _prior(self, state, B: int, device):
+    def _prior(self, state: ModelState | None, B: int, device):
         """The carried per-layer states, offsets and last tokens, broadcast to batch B (a batch-1
         state serves every row). Without a state, a baked context (see `lit_icl.context.bake`)."""
         if state is None and self.context is not None:
@@ -348,15 +265,17 @@ class TransformerLM(nn.Module):
             offset, last_token = offset.expand(B), last_token.expand(B)
         return layers, offset, last_token
 
-    def install_context(self, state) -> None:
+    def install_context(self, state: ModelState) -> None:
         """Carry `state` (layers, offset, last_token) as buffers, used whenever forward gets
         no state."""
         self.context = BakedContext(state.layers, state.offset, state.last_token)
 
 
 class BakedContext(nn.Module):
-    """Per-layer context state held as buffers "l{i}_{name}" (so .to(), state_dict() and copies
-    carry it); `layers` rebuilds the typed states from them."""
+    """A `ModelState` held as buffers "l{i}_{name}", "offset" and "last_token" (so .to(),
+    state_dict() and copies carry it); `layers` rebuilds the typed states from them."""
+
+    LEGACY = {"offset_": "offset", "last_token_": "last_token"}  # buffer names in checkpoints baked before 2026-12
 
     def __init__(self, layers: list[LayerState], offset: Tensor, last_token: Tensor):
         super().__init__()
@@ -364,34 +283,33 @@ class BakedContext(nn.Module):
         for i, layer in enumerate(layers):
             for name, t in layer.tensors().items():
                 self.register_buffer(f"l{i}_{name}", t.detach().clone())
-        self.register_buffer("offset_", offset.detach().clone())
-        self.register_buffer("last_token_", last_token.detach().clone())
+        self.register_buffer("offset", offset.detach().clone())
+        self.register_buffer("last_token", last_token.detach().clone())
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Tensor], prefix: str, model: TransformerLM) -> "BakedContext":
         """Rebuild the buffers saved under `prefix` (e.g. "model.context.") in a state dict; each
         layer's mode is the one of `model`'s mixer whose state has those tensor names."""
         entries = {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+        entries = {cls.LEGACY.get(k, k): t for k, t in entries.items()}
         per_layer: list[dict[str, Tensor]] = [{} for _ in model.blocks]
         for key, t in entries.items():
             if match := re.fullmatch(r"l(\d+)_(\w+)", key):
                 per_layer[int(match[1])][match[2]] = t
         layers = [mixer.state_from_tensors(named, mixer.mode_of(named)) for mixer, named in zip(model.mixers, per_layer)]
-        return cls(layers, entries["offset_"], entries["last_token_"])
+        return cls(layers, entries["offset"], entries["last_token"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self.LEGACY.items():  # a checkpoint baked before the buffers were renamed
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def layers(self) -> list[LayerState]:
         buffers = dict(self.named_buffers())
         return [skeleton.with_tensors({n.split("_", 1)[1]: t for n, t in buffers.items() if n.startswith(f"l{i}_")})
                 for i, skeleton in enumerate(self.skeletons)]
-
-    @property
-    def offset(self) -> Tensor:
-        return self.offset_
-
-    @property
-    def last_token(self) -> Tensor:
-        return self.last_token_
 
 
 @contextlib.contextmanager

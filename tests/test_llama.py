@@ -14,7 +14,6 @@ import torch
 from lit_icl import ContextState, TransformerConfig, TransformerLM, bake, convert
 from lit_icl.finetune import finetune, finetune_batched, finetuned_logits, trainable_names
 from lit_icl.generate import generate
-from lit_icl.hf import from_hf_state
 from lit_icl.module import LitTransformerLM
 from tests.conftest import min_candidate_margin, naive_greedy
 
@@ -225,7 +224,7 @@ def test_approximate_conversion_beats_no_context():
     with torch.no_grad():
         for layer in hf.model.layers:
             layer.self_attn.q_proj.weight.mul_(0.2)
-    model = from_hf_state(hf.config.to_dict(), hf.state_dict()).double()
+    model = TransformerLM.from_hf_state(hf.config.to_dict(), hf.state_dict()).double()
     demo, query = tokens(2, 30), tokens(2, 6, seed=2)
     prompted = model(torch.cat([demo, query], 1))[:, 30:]
     err = lambda logits: ((logits - prompted).norm() / prompted.norm()).item()  # noqa: E731

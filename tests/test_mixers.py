@@ -101,6 +101,20 @@ def test_bake_survives_a_state_dict_round_trip(case):
     torch.testing.assert_close(baked(query), model(query, state=state), rtol=0, atol=0)
 
 
+def test_a_context_baked_under_the_old_buffer_names_loads(case):
+    """Checkpoints baked before the buffers were named offset/last_token hold offset_/last_token_."""
+    model, mode = case
+    baked = bake(model, convert(model, tokens(1, 5), mode=mode, num_features=8))
+    old = {k.replace("context.offset", "context.offset_").replace("context.last_token", "context.last_token_"): t
+           for k, t in baked.state_dict().items()}
+    assert "context.offset_" in old and "context.offset" not in old
+    rebuilt = tiny_model(vocab_size=V, attention=model.config.attention, momentum=model.config.momentum)
+    rebuilt.context = BakedContext.from_state_dict(old, "context.", model)
+    rebuilt.load_state_dict(old)
+    query = tokens(2, 4, seed=4)
+    assert torch.equal(rebuilt(query), baked(query))
+
+
 @pytest.mark.parametrize("kind,names", [("linear", ["S", "z", "m"]), ("softmax", ["k", "v", "kv_mask", "m"])])
 def test_files_of_the_dict_keyed_format_still_load(tmp_path, kind, names):
     """A file written before the typed states: tensors "layers.{i}.{name}" and the same metadata."""

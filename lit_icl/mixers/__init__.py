@@ -8,13 +8,14 @@
 """
 from lit_icl.mixers.base import MIXERS, LayerState, Mixer, MixerOutput, MomentumState, Pass, State, register
 from lit_icl.mixers.linear import LinearAttention, LinearState
-from lit_icl.mixers.softmax import KVPrefix, SoftmaxAttention
+from lit_icl.mixers.kv_prefix import KVPrefix
+from lit_icl.mixers.softmax import SoftmaxAttention
+from lit_icl.mixers.approximate import APPROXIMATE_MODES, ApproximateDecoding, FeatureSums
 from lit_icl.mixers.recurrent import GatedMixer, RecurrentMixer, RecurrentState
 from lit_icl.mixers.retention import Retention
 from lit_icl.mixers.simple_gla import SimpleGLA
 from lit_icl.mixers.gla import GatedLinearAttention
 from lit_icl.mixers.deltanet import DeltaNet
-from lit_icl.mixers.approximate import APPROXIMATE_MODES, ApproximateDecoding, FeatureSums  # noqa: E402,I001
 
 __all__ = ["MIXERS", "APPROXIMATE_MODES", "ApproximateDecoding", "DeltaNet", "FeatureSums", "GatedLinearAttention",
            "GatedMixer", "KVPrefix", "LayerState", "LinearAttention", "LinearState", "Mixer", "MixerOutput",

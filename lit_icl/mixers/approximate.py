@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lit_icl.mixers.base import State
-from lit_icl.mixers.softmax import KVPrefix, SoftmaxAttention, extend
+from lit_icl.mixers.kv_prefix import KVPrefix, extend
 from lit_icl.ops import attention_mask, feature_dim, positive_random_features, repeat_kv, taylor
 
 APPROXIMATE_MODES = ("prf", "taylor")
@@ -129,5 +129,3 @@ class ApproximateDecoding(State):
         o = softmax_attention_biased(q, k, v, s.query_features(q), s.S, s.z, mask, *prefix)
         return o, (ApproximateDecoding(s, extend(self.cache, k, v, mask)) if need_state else None)
 
-
-SoftmaxAttention.states.update({mode: FeatureSums for mode in APPROXIMATE_MODES})  # ICLAA's modes

@@ -26,7 +26,7 @@ from torch import Tensor
 from lit_icl.ops import momentum_chunked, repeat_kv, rope
 
 if TYPE_CHECKING:
-    from lit_icl.model import TransformerConfig
+    from lit_icl.config import TransformerConfig
 
 Shapes = dict[str, tuple[Optional[int], ...]]  # tensor name -> shape without the batch (None = any length)
 S = TypeVar("S", bound="State")
