@@ -19,7 +19,6 @@ from lit_icl.ops import (
     delta_rule_recurrent,
     gla_chunked,
     gla_recurrent,
-    retention_chunked,
     retention_gamma,
     retention_recurrent,
     simple_gla_chunked,
@@ -42,6 +41,12 @@ class Kind:
     def timed(self) -> bool:
         """Whether the gate has a time axis (retention's decay is one number per head)."""
         return self.neutral is not None
+
+
+def retention_chunked(q, k, v, gamma, initial_state=None, scale=None, chunk_size=32):
+    """What the Retention layer runs: simple GLA's chunked form with the log gates log gamma_h."""
+    return simple_gla_chunked(q, k, v, torch.log(gamma)[None, :, None].expand(q.shape[:3]), initial_state, scale,
+                              chunk_size)
 
 
 def log_gates(*shape, g, dtype, strength):

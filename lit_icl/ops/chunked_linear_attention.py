@@ -1,5 +1,5 @@
 """Chunked causal linear attention (Katharopoulos et al. 2020) with a hand-written backward
-(`linear_attention_chunked_cpu`). The chunking helpers every chunked op shares are in
+(`linear_attention_chunked_function`). The chunking helpers every chunked op shares are in
 `chunking.py`.
 
 The normaliser rides along as an extra value column of ones: with v'_t = [v_t | 1] and the
@@ -83,7 +83,7 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         return dq, dk, dv, g, None, None
 
 
-def linear_attention_chunked_cpu(
+def linear_attention_chunked_function(
     q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor, chunk_size: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(o [B, H, T, D], S_T [B, H, F, D], z_T [B, H, F]) by the chunked form above.

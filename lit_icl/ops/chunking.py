@@ -27,6 +27,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+# The default chunk length C of every chunked op (the model passes TransformerConfig.chunk_size,
+# also 32 by default). In the chunk-size sweeps of scripts/bench.py (one CPU thread, T = 2048)
+# 32 was the fastest for linear attention, retention, simple GLA and DeltaNet; GLA ran 6% faster
+# at 16, too little for a default of its own.
+CHUNK_SIZE = 32
+
 
 def check_chunk_size(chunk_size: int) -> None:
     """ValueError unless chunk_size is an integer >= 1."""

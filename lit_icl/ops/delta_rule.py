@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lit_icl.ops.chunking import (
+    CHUNK_SIZE,
     check_qkv,
     check_shape,
     check_chunk_size,
@@ -48,7 +49,6 @@ from lit_icl.ops.chunking import (
 )
 from lit_icl.ops.fla import HALF, fla_applicable, fla_chunk
 
-CHUNK_SIZE = 32  # default C: the fastest in the chunk-size sweep of scripts/bench.py
 
 
 def _check_beta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lit_icl.ops.chunking import (
+    CHUNK_SIZE,
     check_qkv,
     check_shape,
     chunk_cumsum,
@@ -50,7 +51,6 @@ from lit_icl.ops.chunking import (
 )
 from lit_icl.ops.fla import fla_applicable, fla_chunk
 
-CHUNK_SIZE = 16  # default C: the fastest in the chunk-size sweep of scripts/bench.py
 # c: the diagonal blocks cost about B*H*T*c*K elementwise, the earlier sub-chunks B*H*T*(C/c)*K;
 # 4 was the fastest of c = 2, 4, 8 with C = 16, 32, 64 (T=2048, B=4, H=8, K=64, float32, one thread)
 SUB_CHUNK = 4

@@ -14,7 +14,8 @@ state after the last token. A token whose k row is zero contributes nothing to t
 - `linear_attention_chunked_autograd`: quadratic inside chunks of C tokens, state across
   chunks, all chunks at once through plain autograd; the second reference.
 - `linear_attention_chunked`: the same chunked form, fast, and the training path; it
-  dispatches to `linear_attention_chunked_cpu` (hand-written backward,
+  dispatches to `linear_attention_chunked_function` (a torch.autograd.Function with a
+  hand-written backward, on any device;
   `chunked_linear_attention.py`) or on CUDA to `linear_attention_fla` (fla's Triton kernel,
   `fla_linear_attention.py`). Any T and any C >= 1.
 
@@ -26,11 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_icl.ops.chunked_linear_attention import linear_attention_chunked_cpu
-from lit_icl.ops.chunking import check_chunk_size, chunk_layout, pad_time
+from lit_icl.ops.chunked_linear_attention import linear_attention_chunked_function
+from lit_icl.ops.chunking import CHUNK_SIZE, check_chunk_size, chunk_layout, pad_time
 from lit_icl.ops.fla_linear_attention import linear_attention_fla, use_fla
 
-CHUNK_SIZE = 32  # default chunk length, chosen by the chunk-size sweep of scripts/bench.py (README)
 
 State = tuple[Tensor, Tensor]
 
@@ -108,7 +108,7 @@ def linear_attention_chunked(
         return v.new_zeros(v.shape), (S0, z0)
     if use_fla(q, v):
         return linear_attention_fla(q, k, v, S0, z0, eps)
-    o, S, z = linear_attention_chunked_cpu(q, k, v, S0, z0, chunk_size, eps)
+    o, S, z = linear_attention_chunked_function(q, k, v, S0, z0, chunk_size, eps)
     return o, (S, z)
 
 

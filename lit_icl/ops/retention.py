@@ -10,8 +10,10 @@ the output is the layer's, not the op's. Shapes: q, k [B, H, T, K], v [B, H, T, 
 initial_state [B, H, K, V]; every function returns (o [B, H, T, V], S_T [B, H, K, V]).
 `scale` defaults to 1/sqrt(K) like fla's and RetNet's.
 
-Retention is simple GLA (`simple_gla.py`) with the constant log gate g_t = log gamma_h, so both
-forms and the CUDA dispatch (fla's chunk_simple_gla) are simple GLA's.
+Retention is simple GLA (`simple_gla.py`) with the constant log gate g_t = log gamma_h, so its fast
+form is simple GLA's: the Retention layer calls `simple_gla_chunked` (and on CUDA fla's
+chunk_simple_gla) with these gates, set to 0 at padding. This file keeps the decays and the
+paper's recurrence as the reference that form is tested against.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lit_icl.ops.chunking import check_qkv, check_shape
-from lit_icl.ops.simple_gla import CHUNK_SIZE, simple_gla_chunked, simple_gla_recurrent
+from lit_icl.ops.simple_gla import simple_gla_recurrent
 
 
 def retention_gamma(n_heads: int, device=None, dtype=torch.float32) -> Tensor:
@@ -42,17 +44,3 @@ def retention_recurrent(
 ) -> tuple[Tensor, Tensor]:
     """Reference loop (Sun et al. 2023, eq. 6): S_t = gamma S_{t-1} + k_t v_t^T, o_t = S_t^T q_t."""
     return simple_gla_recurrent(q, k, v, _log_gates(q, k, v, gamma), initial_state, scale)
-
-
-def retention_chunked(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gamma: Tensor,
-    initial_state: Tensor | None = None,
-    scale: float | None = None,
-    chunk_size: int = CHUNK_SIZE,
-) -> tuple[Tensor, Tensor]:
-    """Chunkwise retention (Sun et al. 2023, eq. 7) for training: any T, any chunk size,
-    gradients to q, k, v, gamma and the initial state. On CUDA with fla, chunk_simple_gla."""
-    return simple_gla_chunked(q, k, v, _log_gates(q, k, v, gamma), initial_state, scale, chunk_size)

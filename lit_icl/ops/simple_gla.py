@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lit_icl.ops.chunking import check_chunk_size, check_qkv, check_shape, query_scale, start_state
+from lit_icl.ops.chunking import CHUNK_SIZE, check_chunk_size, check_qkv, check_shape, query_scale, start_state
 from lit_icl.ops.fla import fla_applicable, fla_chunk
 from lit_icl.ops.gla import gated_chunked, gated_recurrent
 
-CHUNK_SIZE = 32  # default C: the fastest in the chunk-size sweep of scripts/bench.py (32 and 64 within 10%)
 
 
 def _check_gate(q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> None:
