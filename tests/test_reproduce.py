@@ -134,8 +134,10 @@ def test_quick_icl_vs_ft(quick_dir):
             for name in SIMILARITY:
                 assert name in row and f"{name}_untrained" in row
             if k:
-                assert row["rel_logit_err"] < 1e-4, "the KV prefix is exact"
-                assert row["rel_logit_err_taylor"] > row["rel_logit_err"]
+                assert row["rel_logit_err"] < 1e-10, "the KV prefix is exact (float64)"
+                # ICLAA's random features lose information by a margin (measured 4e-3 with 32 features);
+                # the Taylor map is exact to about 1e-7 at the tiny scores of a random model: logged only
+                assert row["rel_logit_err_prf"] > 1e-4 and "rel_logit_err_taylor" in row
                 assert row["simaou_untrained"] != row["simaou"]
     text = (quick_dir / "icl-vs-ft.md").read_text()
     assert "| paper (GPT 1.3B / 2.7B) |" in text and "chosen" in text
@@ -146,7 +148,7 @@ def test_quick_iclaa_and_the_readme_section(quick_dir, tmp_path):
     data = json.loads((quick_dir / "iclaa.json").read_text())
     s = data["summary"]
     assert len(data["runs"]) == data["config"]["pairs"]
-    assert s["kv"]["rel_err"]["mean"] < 1e-4 and s["kv"]["agree"]["mean"] == 1.0
+    assert s["kv"]["rel_err"]["mean"] < 1e-10 and s["kv"]["agree"]["mean"] == 1.0  # float64: no near-tie flips
     assert s["none"]["rel_err"]["mean"] > s["kv"]["rel_err"]["mean"]
     assert {"taylor", "prf8", "prf32"} <= set(s)
     continuation = data["runs"]["pair0"]["result"]["continuation"]
