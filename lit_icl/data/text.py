@@ -172,7 +172,6 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
             self._build()
         return self._tokenizer
 
-    read_tokenizer = staticmethod(read_tokenizer)  # lit_icl.data.tokenizer.read_tokenizer, also by this name
 
     def _key(self, given: Tokenizer | None) -> str:
         """The cache entry's name: a hash of everything the blocks depend on, but ``block_size``
@@ -210,7 +209,7 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
 
     def _build(self) -> None:
         """Load, or build and cache, the tokenizer and the packed blocks (under the entry's lock)."""
-        given = None if self.tokenizer_path is None else self.read_tokenizer(self.tokenizer_path)
+        given = None if self.tokenizer_path is None else read_tokenizer(self.tokenizer_path)
         key = self._key(given)
         entry = os.path.join(self.cache_dir, "text", key)
         os.makedirs(entry, exist_ok=True)

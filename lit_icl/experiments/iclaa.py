@@ -81,11 +81,11 @@ def compare_pair(model, tokenizer, context: list[int], prompt: list[int], cfg: d
 
 
 def run(store, out: Path) -> None:
-    from lit_icl.data.text import TextDataModule
+    from lit_icl.data.tokenizer import read_tokenizer
 
     cfg = store.data["config"]
     model, tok_file = load(cfg, out)
-    tokenizer = TextDataModule.read_tokenizer(tok_file)
+    tokenizer = read_tokenizer(tok_file)
     for i, (context, prompt) in enumerate(pairs(cfg, tokenizer)):
         store.run(f"pair{i}", lambda: compare_pair(model, tokenizer, context, prompt, cfg, i < cfg["continuations"]),
                   seed=cfg["seed"], context_tokens=len(context), prompt_tokens=len(prompt))

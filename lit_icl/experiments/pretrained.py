@@ -45,7 +45,7 @@ def load(cfg: dict, out: Path):
     if cfg["model"] != "quick":
         path = named(cfg["model"])
         return TransformerLM.from_hf(path).eval(), str(Path(path) / "tokenizer.json")
-    from lit_icl.data.tokenizer import save_tokenizer, train_bpe
+    from lit_icl.data.tokenizer import read_tokenizer, save_tokenizer, train_bpe
 
     tok_file = out / "quick_model" / "tokenizer.json"
     if not tok_file.exists():
@@ -53,9 +53,8 @@ def load(cfg: dict, out: Path):
         texts += [t.format(text="", label=w) for t, words in TEMPLATES.values() for w in words.values()] * 20
         texts += [quick_corpus()] * 5
         save_tokenizer(train_bpe(texts, vocab_size=400), str(tok_file))
-    from lit_icl.data.text import TextDataModule
 
-    vocab = TextDataModule.read_tokenizer(str(tok_file)).get_vocab_size()
+    vocab = read_tokenizer(str(tok_file)).get_vocab_size()
     torch.manual_seed(1234)  # not the untrained baseline's seed (0): the two differ
     model = TransformerLM(TransformerConfig(
         vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=1024, attention="softmax",
