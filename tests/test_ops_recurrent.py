@@ -25,6 +25,7 @@ from lit_icl.ops import (
     simple_gla_recurrent,
 )
 from lit_icl.ops.fla import fla_applicable, fla_naive
+from lit_icl.ops.retention import retention_log_gates
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -45,8 +46,7 @@ class Kind:
 
 def retention_chunked(q, k, v, gamma, initial_state=None, scale=None, chunk_size=32):
     """What the Retention layer runs: simple GLA's chunked form with the log gates log gamma_h."""
-    return simple_gla_chunked(q, k, v, torch.log(gamma)[None, :, None].expand(q.shape[:3]), initial_state, scale,
-                              chunk_size)
+    return simple_gla_chunked(q, k, v, retention_log_gates(q, k, v, gamma), initial_state, scale, chunk_size)
 
 
 def log_gates(*shape, g, dtype, strength):

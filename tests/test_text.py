@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from lit_icl.cli import main
 from lit_icl.data.text import TextDataModule, pack
-from lit_icl.data.tokenizer import EOS, save_tokenizer, tokenizer_sha, train_bpe
+from lit_icl.data.tokenizer import EOS, read_tokenizer, save_tokenizer, tokenizer_sha, train_bpe
 from lit_icl.model import TransformerConfig
 from lit_icl.module import LitTransformerLM
 from tests.textdata import write_corpus
@@ -119,7 +119,7 @@ def test_checkpoint_knows_its_tokenizer(corpus, tmp_path):
     sha = tokenizer_sha(dm.tokenizer)
     assert tokenizer_sha(Tokenizer.from_file(os.path.join(trainer.log_dir, "tokenizer.json"))) == sha, "next to the run"
     last = str(tmp_path / "ckpt" / "last.ckpt")
-    assert tokenizer_sha(TextDataModule.read_tokenizer(last)) == sha
+    assert tokenizer_sha(read_tokenizer(last)) == sha
     state = torch.load(last, weights_only=True)["TextDataModule"]
     reused = make(corpus, tmp_path / "other-cache", tokenizer_path=last)
     reused.load_state_dict(state)

@@ -31,8 +31,8 @@ def retention_gamma(n_heads: int, device=None, dtype=torch.float32) -> Tensor:
     return 1 - 2.0 ** (-5.0 - torch.arange(n_heads, device=device, dtype=dtype))
 
 
-def _log_gates(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor) -> Tensor:
-    """g [B, H, T] = log gamma_h at every token."""
+def retention_log_gates(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor) -> Tensor:
+    """g [B, H, T] = log gamma_h at every token: retention as simple GLA's gates (shapes checked)."""
     check_qkv(q, k, v)
     B, H, T, _ = q.shape
     check_shape("gamma", gamma, (H,), "one decay in (0, 1) per head")
@@ -43,4 +43,4 @@ def retention_recurrent(
     q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, initial_state: Tensor | None = None, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """Reference loop (Sun et al. 2023, eq. 6): S_t = gamma S_{t-1} + k_t v_t^T, o_t = S_t^T q_t."""
-    return simple_gla_recurrent(q, k, v, _log_gates(q, k, v, gamma), initial_state, scale)
+    return simple_gla_recurrent(q, k, v, retention_log_gates(q, k, v, gamma), initial_state, scale)

@@ -19,7 +19,7 @@ from lit_icl.ops import delta_rule, gla, simple_gla
 from lit_icl.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent
 from lit_icl.ops.fla import fla_naive
 from lit_icl.ops.gla import gla_chunked, gla_recurrent
-from lit_icl.ops.retention import retention_gamma, retention_recurrent
+from lit_icl.ops.retention import retention_gamma, retention_log_gates, retention_recurrent
 from lit_icl.ops.simple_gla import simple_gla_chunked, simple_gla_recurrent
 
 from lit_icl.experiments.bench.timing import alternate, fmt_s, fwd_bwd, med, ratio
@@ -30,7 +30,7 @@ RECURRENT_QUICK = dict(T=(32, 64, 128), reference_max_T=64, chunks=(16, 32), swe
 # kind: (recurrent, chunked, default chunk size)
 KINDS = {
     "retention": (retention_recurrent, lambda q, k, v, gamma, **kw: simple_gla_chunked(  # what the layer runs
-        q, k, v, gamma.log()[None, :, None].expand(q.shape[:3]), **kw), simple_gla.CHUNK_SIZE),
+        q, k, v, retention_log_gates(q, k, v, gamma), **kw), simple_gla.CHUNK_SIZE),
     "simple_gla": (simple_gla_recurrent, simple_gla_chunked, simple_gla.CHUNK_SIZE),
     "gla": (gla_recurrent, gla_chunked, gla.CHUNK_SIZE),
     "delta_rule": (delta_rule_recurrent, delta_rule_chunked, delta_rule.CHUNK_SIZE),
