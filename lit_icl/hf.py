@@ -12,6 +12,15 @@ TransformerConfig and a state dict under TransformerLM's names:
   checkpoint's rope_theta in the rotate-half layout, grouped-query attention, no biases, tied
   or untied head: TransformerLM(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=...).
 
+- "qwen2" (Qwen2, Qwen2.5): Llama with biases on the query/key/value projections (qkv_bias=True,
+  bias=False), its own rope_theta.
+- "gemma3_text" (and "gemma3", whose text_config is one; its vision tower is ignored): RMSNorm
+  scaled by 1 + w (norm="rmsnorm_1p"), four norms a block (post_norm), RMSNorm of each head's q
+  and k (qk_norm="rmsnorm"), the embedding times sqrt(width) (scale_embedding), GeGLU MLP with
+  tanh GELU, head size 256 whatever the width (head_size), attention scale from
+  query_pre_attn_scalar, and per-layer layer_types: "sliding" layers (window = sliding_window,
+  RoPE base rope_local_base_freq) between "softmax" ones (rope_theta).
+
 `translate(config, weights)` does the same from a config dict and a state dict already in memory
 (for example those of a transformers model read from a GGUF file;
 `TransformerLM.from_hf_state`).
@@ -101,23 +110,88 @@ def rope_theta(hf: dict) -> float:
     return float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
 
 
+def layer_kinds(hf: dict, n_layer: int) -> tuple[str | list[str], int | None]:
+    """(attention, window) of a config's layer_types: "softmax" for full-attention layers,
+    "sliding" for sliding-window ones (with the config's sliding_window); ValueError otherwise."""
+    types = hf.get("layer_types") or ["full_attention"] * n_layer
+    kinds = {"full_attention": "softmax", "sliding_attention": "sliding"}
+    if len(types) != n_layer or not set(types) <= set(kinds):
+        raise ValueError(f"layer_types={types!r}: one of {sorted(kinds)} per layer is supported")
+    if "sliding_attention" not in types:
+        return "softmax", None
+    if not hf.get("sliding_window"):
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+    return [kinds[t] for t in types], int(hf["sliding_window"])
+
+
+def head_size(hf: dict) -> int | None:
+    """The config's head_dim, None when it is hidden_size / num_attention_heads."""
+    size = hf.get("head_dim")
+    return None if size in (None, hf["hidden_size"] // hf["num_attention_heads"]) else int(size)
+
+
 def llama_config(hf: dict) -> TransformerConfig:
-    """The TransformerConfig of a Llama-family config.json; ValueError for variants it cannot hold."""
+    """The TransformerConfig of a Llama-family config.json (model_type "llama", or "qwen2": Llama
+    with biases on the query/key/value projections only, and optional sliding-window layers);
+    ValueError for variants it cannot hold."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r}; the Llama MLP uses silu")
-    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+    qwen2 = hf.get("model_type") == "qwen2"
+    if not qwen2 and bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
         raise ValueError("attention_bias and mlp_bias must agree (one `bias` switch)")
     C, H = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, C // H):
-        raise ValueError(f"head_dim={hf['head_dim']}; only hidden_size / num_attention_heads = {C // H} is supported")
     n_kv = hf.get("num_key_value_heads") or H
+    attention, window = layer_kinds(hf, hf["num_hidden_layers"])
     return TransformerConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C,
-        block_size=hf.get("max_position_embeddings", 2048), attention="softmax", position="rope",
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C, head_size=head_size(hf),
+        block_size=hf.get("max_position_embeddings", 2048), attention=attention, window=window, position="rope",
         norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hf["intermediate_size"],
-        n_kv_head=None if n_kv == H else n_kv, rope_theta=rope_theta(hf), bias=bool(hf.get("attention_bias", False)),
+        n_kv_head=None if n_kv == H else n_kv, rope_theta=rope_theta(hf),
+        bias=False if qwen2 else bool(hf.get("attention_bias", False)), qkv_bias=True if qwen2 else None,
         tie_weights=bool(hf.get("tie_word_embeddings", False)), dropout=0.0,
     )
+
+
+def gemma3_config(hf: dict) -> TransformerConfig:
+    """The TransformerConfig of a Gemma 3 text config.json (model_type "gemma3_text", or "gemma3"
+    whose text_config is one): RMSNorm scaled by 1 + w, four norms a block, q/k norms, the
+    embedding times sqrt(width), GeGLU (tanh GELU), attention scale query_pre_attn_scalar^-1/2,
+    sliding-window layers with rope_local_base_freq and global ones with rope_theta."""
+    hf = text_config(hf)
+    if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"hidden_activation={hf['hidden_activation']!r}; Gemma 3 uses gelu_pytorch_tanh")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(name) is not None:
+            raise ValueError(f"{name}={hf[name]}: logit soft-capping is not supported")
+    if hf.get("use_bidirectional_attention") or hf.get("attention_bias"):
+        raise ValueError("bidirectional attention and attention biases are not supported")
+    params = hf.get("rope_parameters") or {}
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    for name, p in (("full_attention", full), ("sliding_attention", local)):
+        if p.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type={p['rope_type']!r} of {name}: only the plain rotary embedding is supported")
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    n_kv, size = hf.get("num_key_value_heads") or H, hf.get("head_dim", 256)
+    attention, window = layer_kinds(hf, hf["num_hidden_layers"])
+    scalar = hf.get("query_pre_attn_scalar", 256)
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C,
+        head_size=None if size == C // H else size, block_size=hf.get("max_position_embeddings", 32768),
+        attention=attention, window=window, position="rope", norm="rmsnorm_1p", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="geglu", activation="gelu_tanh", mlp_hidden=hf["intermediate_size"], n_kv_head=None if n_kv == H else n_kv,
+        rope_theta=float(full.get("rope_theta") or hf.get("rope_theta") or 1e6),
+        rope_local_theta=float(local.get("rope_theta") or hf.get("rope_local_base_freq") or 1e4),
+        qk_norm="rmsnorm", post_norm=True, scale_embedding=True,
+        attn_scale=None if scalar == size else float(scalar) ** -0.5, bias=False,
+        tie_weights=bool(hf.get("tie_word_embeddings", True)), dropout=0.0,
+    )
+
+
+def text_config(hf: dict) -> dict:
+    """A multimodal Gemma 3 config's text_config (model_type "gemma3"), else the config itself."""
+    if hf.get("model_type") == "gemma3":
+        return {"model_type": "gemma3_text", **hf.get("text_config", {})}
+    return hf
 
 
 def llama_weights(cfg: TransformerConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -139,7 +213,30 @@ def llama_weights(cfg: TransformerConfig, hf: dict[str, Tensor]) -> dict[str, Te
     return ours
 
 
-LOADERS = {"gpt2": (gpt2_config, gpt2_weights), "llama": (llama_config, llama_weights)}
+GEMMA3_NORMS = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_attn_out",
+                "pre_feedforward_layernorm": "ln_2", "post_feedforward_layernorm": "ln_mlp_out",
+                "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+
+
+def gemma3_weights(cfg: TransformerConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Gemma 3 tensor names -> TransformerLM's: Llama's, the four block norms and the q/k norms
+    (a multimodal checkpoint's language model only)."""
+    for prefix in ("model.language_model.", "language_model.model.", "language_model."):
+        if any(k.startswith(prefix) for k in hf):
+            hf = {"model." + k[len(prefix):]: t for k, t in hf.items() if k.startswith(prefix)} | (
+                {"lm_head.weight": hf["lm_head.weight"]} if "lm_head.weight" in hf else {})
+            break
+    ours = llama_weights(cfg, {k: t for k, t in hf.items() if "layernorm" not in k and "_norm." not in k})
+    hf = {k.removeprefix("model."): t for k, t in hf.items()}
+    for i in range(cfg.n_layer):
+        for src, dst in GEMMA3_NORMS.items():
+            ours[f"blocks.{i}.{dst}.weight"] = hf[f"layers.{i}.{src}.weight"]
+    return ours
+
+
+LOADERS = {"gpt2": (gpt2_config, gpt2_weights), "llama": (llama_config, llama_weights),
+           "qwen2": (llama_config, llama_weights), "gemma3_text": (gemma3_config, gemma3_weights),
+           "gemma3": (gemma3_config, gemma3_weights)}
 
 
 def loader(config: dict):

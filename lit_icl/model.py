@@ -13,9 +13,10 @@ What `run(state=...)` continues from is declared once, by the `ModelState` proto
 states, offsets and last tokens. `LMOutput` (run with need_state), `lit_icl.context.ContextState`
 (the public one: files, select, bake) and `BakedContext` (a state held as buffers) provide it.
 
-The same model holds GPT-2 (LayerNorm, GELU MLP, learned positions) and the Llama family
-(RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases); `lit_icl.hf`
-loads either from a local Hugging Face directory.
+The same model holds GPT-2 (LayerNorm, GELU MLP, learned positions), the Llama family
+(RMSNorm, SwiGLU MLP, rotary positions, grouped-query attention, no biases), Qwen2 (Llama with
+query/key/value biases) and Gemma 3 (four norms a block, q/k norms, GeGLU, sliding-window layers
+interleaved with global ones); `lit_icl.hf` loads them from a local Hugging Face directory.
 """
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ class Block(nn.Module):
 
         x ─┬─ ln_1 ─ attn (mixer; state in, state out) ─ drop ─(+)─┬─ ln_2 ─ mlp ─(+)─ out
            └────────────────────────────────────────────────────┘  └─────────────┘
-    """
+
+    With post_norm (Gemma 2/3) the attention output passes ln_attn_out and the MLP output
+    ln_mlp_out before their residual adds."""
 
     def __init__(self, cfg: TransformerConfig, kind: str):
         super().__init__()
@@ -84,11 +87,13 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.ln_attn_out = make_norm(cfg) if cfg.post_norm else nn.Identity()
+        self.ln_mlp_out = make_norm(cfg) if cfg.post_norm else nn.Identity()
 
     def forward(self, x: Tensor, state: LayerState | None, run: Pass) -> tuple[Tensor, MixerOutput]:
         mixed = self.attn(self.ln_1(x), state, run)
-        x = x + self.drop(mixed.y)
-        return x + self.mlp(self.ln_2(x)), mixed
+        x = x + self.drop(self.ln_attn_out(mixed.y))
+        return x + self.ln_mlp_out(self.mlp(self.ln_2(x))), mixed
 
 
 class TransformerLM(nn.Module):
@@ -123,7 +128,7 @@ class TransformerLM(nn.Module):
     @classmethod
     def from_hf(cls, path) -> "TransformerLM":
         """A local Hugging Face directory (config.json + safetensors or pytorch_model.bin) of
-        model_type "gpt2" or "llama" as a softmax TransformerLM (float32, eval mode); see
+        model_type "gpt2", "llama", "qwen2", "gemma3_text" or "gemma3" as a softmax TransformerLM (float32, eval mode); see
         `lit_icl.hf`. No download."""
         return cls._from_checkpoint(*read_checkpoint(path))
 
@@ -241,6 +246,8 @@ class TransformerLM(nn.Module):
     def _embed(self, input_ids: Tensor, previous: Tensor, positions: Tensor) -> Tensor:
         """Token embeddings (+ the previous token's under token shift, + learned positions)."""
         x = self.wte(input_ids)
+        if self.config.scale_embedding:  # sqrt(n_embd) rounded to float32, as Gemma's reference does
+            x = x * float(torch.tensor(math.sqrt(self.config.n_embd), dtype=torch.float32))
         if self.config.token_shift:
             x = x + self.wte(previous.clamp(min=0)) * (previous >= 0)[..., None].to(x.dtype)
         if self.wpe is not None:

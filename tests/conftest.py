@@ -70,6 +70,10 @@ def min_candidate_margin(model, episodes) -> float:
 
 
 HYBRIDS = (["gla", "softmax"], ["deltanet", "simple_gla"], ["retention", "linear"])  # 2-layer mixed stacks
+WINDOWED = dict(window=3)  # sliding-window settings: contexts and queries run past the window
+GEMMA_LIKE = dict(attention=["sliding", "softmax"], window=3, position="rope", rope_local_theta=50.0, head_size=12,
+                  qk_norm="rmsnorm", norm="rmsnorm_1p", post_norm=True, scale_embedding=True, mlp="geglu",
+                  activation="gelu_tanh", attn_scale=0.3, qkv_bias=False)  # every Gemma 3 field, two layers
 
 
 def exact_grid() -> list[dict]:
@@ -79,11 +83,13 @@ def exact_grid() -> list[dict]:
     grid = []
     for kind in MIXERS:
         maps = ("elu", "relu", "taylor") if kind == "linear" else ("elu",)
-        grid += [dict(attention=kind, feature_map=fm, position=pos, momentum=eta)
+        extra = WINDOWED if kind == "sliding" else {}  # a window shorter than the tests' contexts
+        grid += [dict(attention=kind, feature_map=fm, position=pos, momentum=eta, **extra)
                  for fm, pos, eta in itertools.product(maps, ("learned", "rope", "none"), (0.0, 0.6))]
-        grid += [dict(attention=kind, position=pos, momentum=0.6, token_shift=True) for pos in ("learned", "rope")]
-        grid += [dict(attention=kind, qk_norm=norm, momentum=0.6) for norm in MIXERS[kind].qk_norms[1:]]
-    return grid + [dict(attention=h, position="rope", momentum=eta) for h in HYBRIDS for eta in (0.0, 0.6)]
+        grid += [dict(attention=kind, position=pos, momentum=0.6, token_shift=True, **extra) for pos in ("learned", "rope")]
+        grid += [dict(attention=kind, qk_norm=norm, momentum=0.6, **extra) for norm in MIXERS[kind].qk_norms[1:]]
+    grid += [dict(attention=h, position="rope", momentum=eta) for h in HYBRIDS for eta in (0.0, 0.6)]
+    return grid + [dict(GEMMA_LIKE, momentum=eta) for eta in (0.0, 0.6)]
 
 
 def setting_id(kw) -> str:

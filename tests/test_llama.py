@@ -94,10 +94,12 @@ def test_config_layouts_and_unsupported_checkpoints(llama_dirs, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     for config, message in [
-        ({**hf, "model_type": "mistral"}, r"model_type='mistral' is not supported; supported: \['gpt2', 'llama'\]"),
+        ({**hf, "model_type": "mistral"},
+         r"model_type='mistral' is not supported; supported: \['gemma3', 'gemma3_text', 'gpt2', 'llama', 'qwen2'\]"),
         ({**hf, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type='llama3'"),
         ({**hf, "hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({**hf, "head_dim": 16}, "head_dim=16"),
+        ({**hf, "layer_types": ["chunked_attention"] * 2}, "layer_types=.*chunked_attention"),
+        ({**hf, "layer_types": ["sliding_attention"] * 2, "sliding_window": None}, "sliding_window is not set"),
     ]:
         (bad / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):

