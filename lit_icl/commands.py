@@ -6,17 +6,22 @@ with them, and the named offline sources.
     lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
     lit-icl data list | lit-icl data fetch NAME ... [--verify]   (named sources: lit_icl.sources)
 
-demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or `{"text": "..."}`
-when the checkpoint carries a tokenizer. Every failure (a missing or truncated file, a state
+CKPT is a Lightning checkpoint, or a pretrained model directly: a named model of `lit-icl data
+list` (smollm2-135m, gemma3-270m, qwen2.5-0.5b; fetched on first use) or a local Hugging Face
+directory. demos.jsonl holds one demonstration set per line, `{"input_ids": [...]}`, or
+`{"text": "..."}` when the checkpoint carries a tokenizer (a pretrained model: its own). Each
+text context starts with the tokenizer's BOS, if it adds one; a prompt after a context has none. Every failure (a missing or truncated file, a state
 made for another model, a context longer than block_size, an empty file, a bad line) ends
 with one line `lit-icl <command>: error: ...` and exit status 2; outputs are written atomically.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from jsonargparse import ArgumentParser
 
@@ -29,8 +34,24 @@ from lit_icl.generate import generate
 from lit_icl.module import LitTransformerLM
 
 
+def is_pretrained(spec: str) -> bool:
+    """Whether `spec` names a pretrained model rather than a Lightning checkpoint: a named model
+    of `lit-icl data list` (e.g. gemma3-270m) or a local Hugging Face directory."""
+    if os.path.isdir(os.path.expanduser(spec)):
+        return True
+    return spec in sources.SOURCES and sources.SOURCES[spec].kind == "model" and not os.path.exists(spec)
+
+
 def load_module(path: str) -> tuple[LitTransformerLM, dict]:
-    """The LitTransformerLM of a checkpoint (weights_only loading) and the raw checkpoint."""
+    """The LitTransformerLM of a checkpoint (weights_only loading) and the raw checkpoint; or of
+    a pretrained model (`is_pretrained`: fetched on first use, read with TransformerLM.from_hf)
+    and a checkpoint dict for it, which names the model, so its own tokenizer is used."""
+    if is_pretrained(path):
+        if os.path.isdir(os.path.expanduser(path)) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise FileNotFoundError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+        module = LitTransformerLM(pretrained=path).eval()
+        return module, {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                        "pytorch-lightning_version": pl.__version__}
     checkpoint = load_checkpoint(path)
     module = LitTransformerLM(checkpoint["hyper_parameters"]["config"])
     module.on_load_checkpoint(checkpoint)
@@ -76,9 +97,12 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+CKPT_HELP = "a Lightning checkpoint (.ckpt), a named model (lit-icl data list) or a Hugging Face directory"
+
+
 def convert_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="lit-icl convert", description="Convert demonstrations into a context state.")
-    parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt)")
+    parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
     parser.add_argument("--demos", required=True, help="JSONL, one demonstration set per line")
     parser.add_argument("--out", default=None, help="write the ContextState here (.safetensors)")
     parser.add_argument("--bake", default=None, help="write a checkpoint with the biases built in")
@@ -107,7 +131,7 @@ def convert_main(args: list[str]) -> None:
 
 def generate_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="lit-icl generate", description="Continue a prompt, optionally after a context.")
-    parser.add_argument("--ckpt", required=True, help="model checkpoint (.ckpt)")
+    parser.add_argument("--ckpt", required=True, help=CKPT_HELP)
     parser.add_argument("--context", default=None, help="a ContextState file from lit-icl convert")
     parser.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
     parser.add_argument("--input_ids", type=list[int], default=None, help="prompt token ids")
@@ -122,8 +146,9 @@ def generate_main(args: list[str]) -> None:
         raise ValueError("give exactly one of --prompt and --input_ids")
     if cfg.prompt is not None and tokenizer is None:
         raise ValueError(f"{cfg.ckpt} carries no tokenizer: give --input_ids")
-    prompt = cfg.input_ids if cfg.prompt is None else tokenizer.encode(cfg.prompt).ids
     state = None if cfg.context is None else ContextState.load(cfg.context, module.model)
+    # after a context the prompt continues it: no second BOS (the context began with the tokenizer's own)
+    prompt = cfg.input_ids if cfg.prompt is None else tokenizer.encode(cfg.prompt, add_special_tokens=state is None).ids
     rows = 1 if state is None else state.batch_size
     ids = torch.tensor([prompt] * rows, dtype=torch.long)
     out = generate(module.model, ids, cfg.max_new_tokens, state, cfg.temperature, cfg.top_k, cfg.seed)

@@ -113,7 +113,14 @@ def rope_theta(hf: dict) -> float:
 def layer_kinds(hf: dict, n_layer: int) -> tuple[str | list[str], int | None]:
     """(attention, window) of a config's layer_types: "softmax" for full-attention layers,
     "sliding" for sliding-window ones (with the config's sliding_window); ValueError otherwise."""
-    types = hf.get("layer_types") or ["full_attention"] * n_layer
+    types = hf.get("layer_types")
+    if not types and hf.get("model_type") == "gemma3_text":  # transformers < 4.53: every pattern-th layer global
+        pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
+    if not types and hf.get("use_sliding_window"):  # Qwen2 before layer_types: the layers from max_window_layers
+        start = hf.get("max_window_layers", n_layer)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layer)]
+    types = types or ["full_attention"] * n_layer
     kinds = {"full_attention": "softmax", "sliding_attention": "sliding"}
     if len(types) != n_layer or not set(types) <= set(kinds):
         raise ValueError(f"layer_types={types!r}: one of {sorted(kinds)} per layer is supported")

@@ -1,12 +1,14 @@
 """A pretrained checkpoint through lit_icl next to transformers, on real text.
 
     python scripts/pretrained_check.py [--model smollm2-135m] [--corpus shakespeare] [--tokens 2048]
+    python scripts/pretrained_check.py --model gemma3-270m --window 1024   # past its 512-token window
+    python scripts/pretrained_check.py --model qwen2.5-0.5b
 
 Loads the model twice, as `TransformerLM.from_hf` and as transformers' `AutoModelForCausalLM`,
-and reports on the same tokens (the start of the corpus's first file, in windows of --window):
-the perplexity of each, the largest logit difference, and greedy completions of a few prompts
-from both (token for token). Named sources are fetched on first use (`lit-icl data list`).
-Prints; asserts nothing.
+and reports on the same tokens (the start of the corpus's first file, in windows of --window,
+each after the tokenizer's BOS when it has one): the perplexity of each, the largest logit
+difference, and greedy completions of a few prompts from both (token for token). Named sources
+are fetched on first use (`lit-icl data list`). Prints; asserts nothing.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from lit_icl.data.tokenizer import tokenizer_file
 from lit_icl.generate import generate
 from lit_icl.sources import model_directory, resolve
 
-PROMPTS = ["The capital of France is", "To be, or not to be,", "Once upon a time, there was a"]
+PROMPTS = ["The capital of France is", "To be, or not to be,", "Once upon a time, there was a",
+           "France -> Paris\nGermany -> Berlin\nItaly ->", "The capital of France is the city of"]
 
 
 def main() -> None:
@@ -45,8 +48,10 @@ def main() -> None:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     files = sorted(glob.glob(resolve(args.corpus))) if not glob.has_magic(args.corpus) else sorted(glob.glob(args.corpus))
     text = open(files[0], encoding="utf-8").read()
-    ids = torch.tensor(tokenizer.encode(text[: 20 * args.tokens]).ids[: args.tokens])
+    ids = torch.tensor(tokenizer.encode(text[: 20 * args.tokens], add_special_tokens=False).ids[: args.tokens])
     windows = ids[: len(ids) // args.window * args.window].view(-1, args.window)
+    bos = torch.tensor(tokenizer.encode("").ids, dtype=torch.long)  # what the tokenizer puts first (Gemma: <bos>)
+    windows = torch.cat([bos.expand(len(windows), -1), windows], dim=1)
     nll = {"lit_icl": 0.0, "transformers": 0.0}
     max_diff = 0.0
     with torch.no_grad():
@@ -55,16 +60,18 @@ def main() -> None:
             max_diff = max(max_diff, float((a - b).abs().max()))
             for name, logits in (("lit_icl", a), ("transformers", b)):
                 nll[name] += float(F.cross_entropy(logits[0, :-1], w[1:], reduction="sum"))
-    count = windows.numel() - len(windows)
+    count = windows.numel() - len(windows)  # every token but each window's first is predicted
     print(f"model {args.model} ({directory}): from_hf in {loaded:.1f} s, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters")
-    print(f"text: {files[0]}, {count} scored tokens in windows of {args.window}")
+    print(f"text: {files[0]}, {count} scored tokens in windows of {args.window}"
+          f"{f' after {bos.tolist()} (BOS)' if len(bos) else ''}")
     for name, v in nll.items():
         print(f"  perplexity {name:>12}: {math.exp(v / count):.3f}")
     print(f"  max |logit difference|: {max_diff:.2e}")
     for prompt in PROMPTS:
         p = torch.tensor([tokenizer.encode(prompt).ids])
         a = generate(ours, p, args.new_tokens)[0].tolist()
-        b = theirs.generate(p, max_new_tokens=args.new_tokens, do_sample=False)[0, p.shape[1]:].tolist()
+        b = theirs.generate(p, max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, p.shape[1]:].tolist()
         print(f"\n{prompt!r}\n  lit_icl:      {tokenizer.decode(a)!r}\n  transformers: {tokenizer.decode(b)!r}"
               f"\n  identical tokens: {a == b}")
 

@@ -174,3 +174,60 @@ def test_installed_command_exits_nonzero_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"lit-icl convert: error: checkpoint {tmp_path / 'x.ckpt'} does not exist"
+
+
+def tiny_pretrained(path):
+    """A Hugging Face directory as `lit-icl data fetch` writes one: a random tiny Gemma 3 (a
+    sliding layer with a 3-token window, then a global one) and a word-level tokenizer.json
+    whose post-processor puts <bos> first, as Gemma's does."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<pad>", "<bos>", *(f"w{i}" for i in range(30))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=24,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=8, max_position_embeddings=64, initializer_range=0.3,
+                                           sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    transformers.Gemma3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path, tokenizer
+
+
+def test_a_pretrained_directory_converts_and_generates_with_its_own_tokenizer(tmp_path, capsys):
+    """--ckpt takes a Hugging Face directory (a named model the same way): text demonstrations
+    and prompts go through its tokenizer, with one BOS at the start of each context only; the
+    converted context decodes as prompting BOS + demonstration + prompt does; --bake writes a
+    checkpoint that reloads without the directory."""
+    from lit_icl import TransformerLM
+
+    path, tokenizer = tiny_pretrained(tmp_path / "gemma")
+    texts = ["w3 w4 w5 w6 w7 w8", "w9 w10 w11"]  # longer than the window, and shorter
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "ctx.safetensors"
+    code, stdout, err = cli(["convert", "--ckpt", path, "--demos", tmp_path / "demos.jsonl", "--out", out], capsys)
+    assert code == 0 and "[7, 4] tokens" in stdout, err
+    code, stdout, err = cli(["generate", "--ckpt", path, "--context", out, "--prompt", "w5 w6",
+                             "--max_new_tokens", "4"], capsys)
+    assert code == 0, err
+    model = TransformerLM.from_hf(path)
+    for line, text in zip(stdout.strip().splitlines(), texts):
+        ids = tokenizer.encode(text + " w5 w6").ids
+        assert ids.count(1) == 1 and ids[0] == 1
+        assert line == tokenizer.decode(generate(model, torch.tensor([ids]), 4)[0].tolist())
+    code, stdout, err = cli(["generate", "--ckpt", path, "--prompt", "w5 w6", "--max_new_tokens", "3"], capsys)
+    expected = generate(model, torch.tensor([[1, 7, 8]]), 3)[0].tolist()
+    assert code == 0 and stdout.strip() == tokenizer.decode(expected), err
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n")
+    baked = tmp_path / "baked.ckpt"
+    code, _, err = cli(["convert", "--ckpt", path, "--demos", tmp_path / "one.jsonl", "--bake", baked], capsys)
+    assert code == 0, err
+    reloaded = LitTransformerLM.load_from_checkpoint(baked, map_location="cpu").eval()
+    query = torch.tensor([[7, 8]])
+    prompted = model(torch.tensor([tokenizer.encode(texts[0]).ids + [7, 8]]))[:, 7:]
+    torch.testing.assert_close(reloaded.model(query), prompted, rtol=1e-5, atol=1e-5)
+    code, _, err = cli(["generate", "--ckpt", tmp_path, "--input_ids", "[3]"], capsys)
+    assert code == 2 and "without config.json" in err

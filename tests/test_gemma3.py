@@ -174,3 +174,45 @@ def test_configs_without_the_new_fields_build_the_same_model():
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes["blocks.0.attn.q_proj.weight"] == (32, 32) and "blocks.0.attn.q_proj.bias" in shapes
     assert not any("norm" in n or "_out" in n for n in shapes)
+
+
+def test_approximate_modes_use_the_attention_scale():
+    """ICLAA's Taylor context on a model whose attn_scale is not 1/sqrt(d) equals it on the same
+    model with that scale folded into the query weights (and attn_scale unset)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, attention="softmax", position="rope",
+                            attn_scale=0.1)
+    scaled = TransformerLM(cfg).double().eval()
+    folded = TransformerLM(dataclasses.replace(cfg, attn_scale=None)).double().eval()
+    weights = scaled.state_dict()
+    for i in range(2):
+        weights[f"blocks.{i}.attn.q_proj.weight"] = weights[f"blocks.{i}.attn.q_proj.weight"] * 0.1 * 8 ** 0.5
+        weights[f"blocks.{i}.attn.q_proj.bias"] = weights[f"blocks.{i}.attn.q_proj.bias"] * 0.1 * 8 ** 0.5
+    folded.load_state_dict(weights)
+    demo, query = tokens(2, 9), tokens(2, 4, seed=2)
+    torch.testing.assert_close(scaled(torch.cat([demo, query], 1)), folded(torch.cat([demo, query], 1)))
+    for mode in ("taylor", "prf"):
+        a = scaled(query, state=convert(scaled, demo, mode=mode, num_features=16))
+        b = folded(query, state=convert(folded, demo, mode=mode, num_features=16))
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_configs_written_before_layer_types(gemma_dirs, tmp_path):
+    """transformers < 4.53 wrote sliding_window_pattern (every pattern-th layer global) and the
+    rotary bases at the top level instead of layer_types and rope_parameters."""
+    import shutil
+
+    path, ref = gemma_dirs["gqa-scalar"]  # layers local, global, local, global: pattern 2
+    older = tmp_path / "older"
+    shutil.copytree(path, older)
+    hf = json.loads((path / "config.json").read_text())
+    hf = {k: v for k, v in hf.items() if k not in ("layer_types", "rope_parameters")}
+    (older / "config.json").write_text(json.dumps(hf | dict(sliding_window_pattern=2, rope_theta=1000.0,
+                                                            rope_local_base_freq=50.0)))
+    model = TransformerLM.from_hf(older)
+    assert model.config.kinds == ("sliding", "softmax") * 2 and model.config.rope_local_theta == 50.0
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids).logits, rtol=1e-4, atol=1e-4 * ref(ids).logits.abs().max().item())

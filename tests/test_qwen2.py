@@ -88,3 +88,22 @@ def test_greedy_generate_equals_transformers_and_conversion(qwen_dirs, name):
     prompted = model(ids)[:, 10:]
     torch.testing.assert_close(model(prompt, state=state), prompted, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(bake(model, state)(prompt), prompted, rtol=1e-10, atol=1e-10)
+
+
+def test_a_config_without_layer_types_takes_use_sliding_window(qwen_dirs, tmp_path):
+    """Before layer_types, Qwen2's sliding layers were those from max_window_layers on, when
+    use_sliding_window was set."""
+    import json
+    import shutil
+
+    path, ref = qwen_dirs["sliding"]
+    older = tmp_path / "older"
+    shutil.copytree(path, older)
+    hf = json.loads((path / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if k != "layer_types"}))
+    model = TransformerLM.from_hf(older)
+    assert model.config.kinds == ("softmax", "sliding") and model.config.window == 6
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        theirs = ref(ids).logits
+        torch.testing.assert_close(model(ids), theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())

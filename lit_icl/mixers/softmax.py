@@ -41,6 +41,8 @@ class SoftmaxAttention(Mixer):
 
     def mix(self, x, q, k, v, mask, state, need_state):
         if state is not None and not isinstance(state, KVPrefix):  # another mode's state (ICLAA)
+            if self.cfg.attn_scale is not None:  # ICLAA scores q.k / sqrt(d): fold attn_scale into q
+                q = q * (self.cfg.attn_scale * math.sqrt(self.cfg.head_dim))
             return state.attend(q, k, v, mask, need_state)
         prefix = (None, None, None) if state is None else state.prefix()
         o = softmax_attention(q, k, v, *prefix, mask, scale=self.score_scale)
