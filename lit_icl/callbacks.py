@@ -34,14 +34,11 @@ training model is handed back as it was: parameters, mode and the global RNG are
 from __future__ import annotations
 
 import copy
-import logging
-import os
 import time
 from typing import Protocol, Sequence, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -51,9 +48,7 @@ from lit_icl.data.episodes import Episodes
 from lit_icl.errors import first_line as _first_line
 from lit_icl.mixers import APPROXIMATE_MODES
 from lit_icl.model import TransformerLM, evaluating
-
-log = logging.getLogger("lightning.pytorch")
-
+from lit_icl.validation_measure import ValidationMeasure
 
 @runtime_checkable
 class HeldoutEpisodes(Protocol):
@@ -72,8 +67,11 @@ class HeldoutTasks(HeldoutEpisodes, Protocol):
     def heldout_episodes(self, n_shots: int, num_episodes: int | None = None, task: str | None = None) -> Episodes: ...
 
 
-class ICLConversionCallback(Callback):
+class ICLConversionCallback(ValidationMeasure):
     """Zero-shot vs prompted vs converted vs finetuned, per shot count, at validation end.
+
+    The scheduling, the checks at start and the no-training-lost behaviour are
+    `lit_icl.validation_measure.ValidationMeasure`'s, shared with the text measures.
 
     Before anything runs (at the start of fit, validate and test alike) it builds the held-out
     episodes of every task and shot count once and checks that they can be evaluated: the
@@ -108,6 +106,8 @@ class ICLConversionCallback(Callback):
             the model class's own initialisation drawn from `seed`.
     """
 
+    needs = "it converts, copies and finetunes it"
+
     def __init__(
         self,
         shots: Sequence[int] = (0, 2, 4, 8),
@@ -131,9 +131,9 @@ class ICLConversionCallback(Callback):
             )
         if too_long not in ("error", "drop"):
             raise ValueError(f"too_long={too_long!r}; allowed: 'error', 'drop'")
+        super().__init__(every_n_validations)
         self.shots = sorted({int(k) for k in shots})
         self.num_episodes = num_episodes
-        self.every_n_validations = every_n_validations
         self.batch_size = batch_size
         self.finetune_kwargs = dict(params=finetune_params, lr=finetune_lr, epochs=finetune_epochs)
         unknown = set(approximate_modes) - set(APPROXIMATE_MODES)
@@ -145,7 +145,6 @@ class ICLConversionCallback(Callback):
         self.too_long = too_long
         self.untrained_baseline = untrained_baseline
         self.untrained: TransformerLM | None = None
-        self.validations = 0
         self.declared_hparams = False
         self.episodes: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the checked episodes
         self.dropped: dict[tuple[str, int], int] = {}
@@ -153,12 +152,7 @@ class ICLConversionCallback(Callback):
         self.task_results: dict[str, dict[int, dict[str, float]]] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
-            raise ValueError(
-                f"ICLConversionCallback needs the whole model on every rank (it converts, copies and "
-                f"finetunes it), but strategy {name} shards it; use strategy ddp"
-            )
+        super().setup(trainer, pl_module, stage)
         if self.untrained_baseline and stage == "fit" and not getattr(pl_module.hparams, "pretrained", None):
             # setup runs before a checkpoint is restored: these are the initial weights (a resumed
             # run re-draws them from the same seed when it builds the module)
@@ -173,19 +167,12 @@ class ICLConversionCallback(Callback):
                 self.untrained = TransformerLM(model.config)
         return self.untrained
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.prepare(trainer.datamodule, pl_module.model.config.block_size)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != "fit":  # fit prepared in on_fit_start
-            self.prepare(trainer.datamodule, pl_module.model.config.block_size)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.prepare(trainer.datamodule, pl_module.model.config.block_size)
-
-    def prepare(self, datamodule, block_size: int) -> None:
+    def prepare(self, datamodule, block_size) -> None:
         """Build and check the held-out episodes of every task and shot count (see the class
-        docstring); ValueError with one line naming what cannot work."""
+        docstring); ValueError with one line naming what cannot work. Called by the Trainer as
+        prepare(trainer, pl_module), or directly as prepare(datamodule, block_size)."""
+        if isinstance(datamodule, pl.Trainer):
+            datamodule, block_size = datamodule.datamodule, block_size.model.config.block_size
         if not isinstance(datamodule, HeldoutEpisodes):
             raise ValueError(
                 f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots) (the HeldoutEpisodes "
@@ -228,35 +215,22 @@ class ICLConversionCallback(Callback):
                     )
                 self.episodes[(task, k)] = episodes
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.validations += 1
-        if (self.validations - 1) % self.every_n_validations:
-            return
-        start = time.perf_counter()
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict, dict]:
+        """The metrics of every task and shot count on this rank's share, not yet computed, and
+        the phase times."""
         if not self.episodes:  # evaluate() called outside a Trainer's setup
             self.prepare(trainer.datamodule, pl_module.model.config.block_size)
-        failure, seconds, collected = None, {}, {}
-        try:
-            for i, (task, k) in enumerate(self.episodes, 1):
-                begun = time.perf_counter()
-                collected.setdefault(task, {})[k] = self._run(trainer, pl_module.model, pl_module.device, task, k, seconds)
-                if len(self.episodes) > 1:  # a line per finished group: a pretrained model takes minutes
-                    rank_zero_info(f"icl: {i}/{len(self.episodes)} {task + ' ' if task else ''}k={k} "
-                                   f"evaluated in {time.perf_counter() - begun:.1f} s")
-        except Exception as err:  # noqa: BLE001 -- any failure of the evaluation, reported below
-            if trainer.state.fn != "fit" or os.environ.get("LIT_ICL_DEBUG"):
-                raise
-            failure = err
-        # One collective on every rank, outside the part that can fail, so that no rank waits
-        # in a metric's sync for a rank whose evaluation failed.
-        if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
-            cause = f"{type(failure).__name__}: {_first_line(failure)}" if failure else "failed on another rank"
-            log.warning(f"icl: the evaluation at step {trainer.global_step} failed ({cause}); training goes on "
-                        "and icl/failed=1 is logged (LIT_ICL_DEBUG=1 raises instead)")
-            pl_module.log("icl/failed", 1.0, sync_dist=False)
-            return
+        seconds, collected = {}, {}
+        for i, (task, k) in enumerate(self.episodes, 1):
+            begun = time.perf_counter()
+            collected.setdefault(task, {})[k] = self._run(trainer, pl_module.model, pl_module.device, task, k, seconds)
+            if len(self.episodes) > 1:  # a line per finished group: a pretrained model takes minutes
+                rank_zero_info(f"icl: {i}/{len(self.episodes)} {task + ' ' if task else ''}k={k} "
+                               f"evaluated in {time.perf_counter() - begun:.1f} s")
+        return collected, seconds
+
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: tuple[dict, dict], start: float) -> None:
+        collected, seconds = result
         self.task_results = {t: {k: m.compute() for k, m in per_k.items()} for t, per_k in collected.items()}
         self.results = next(iter(self.task_results.values()))
         scalars = {

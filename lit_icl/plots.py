@@ -26,3 +26,24 @@ def accuracy_vs_shots(results: dict[int, dict[str, float]]):
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def loss_vs_position(history: list[tuple[int, list[float]]], marks: tuple[int, ...] = ()):
+    """Mean held-out loss against token position (log scale), one curve per measurement
+    (history: (step, loss per position 1..L)), darker for later steps; dotted lines at `marks`
+    (the ICL score's positions)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for i, (step, losses) in enumerate(history):
+        color = cmap(i / max(1, len(history) - 1))
+        ax.plot(range(1, len(losses) + 1), losses, color=color, lw=1, label=f"step {step}")
+    for m in marks:
+        ax.axvline(m, ls=":", color="gray", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("token position (tokens of context)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.grid(alpha=0.3)
+    if len(history) <= 12:
+        ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -4,6 +4,7 @@
     python scripts/reproduce.py momentum  [--quick] --out DIR   # Dai et al. (2023), Table 6
     python scripts/reproduce.py icl-vs-ft [--quick] --out DIR   # Dai et al. (2023), Tables 2-5 + Deutch et al. (2024)
     python scripts/reproduce.py iclaa     [--quick] --out DIR   # Chen et al. (2024), ICLAA on a pretrained LM
+    python scripts/reproduce.py icl-emergence [--quick] --out DIR  # Olsson et al. (2022): ICL score per kind
     python scripts/reproduce.py readme --out DIR                # README.md's "Reproducing the papers" from DIR/*.json
 
 Each experiment writes DIR/NAME.json (every number, with the config and seed of each run),
@@ -12,7 +13,7 @@ The JSON is written after every finished run, and a run already in it is not red
 command is run again (after an interruption, or to add seeds); a changed configuration starts
 afresh. `--quick` is a smoke version on a tiny model and self-written data (no download), what
 the tests run; without it the experiments use the named real sources (`lit-icl data list`).
-The experiments are lit_icl.experiments.momentum, .icl_vs_ft and .iclaa.
+The experiments are lit_icl.experiments.momentum, .icl_vs_ft, .iclaa and .icl_emergence.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (scripts/results for the README's)")
     parser.add_argument("--quick", action="store_true", help="tiny model and self-written data: seconds, no download")
     parser.add_argument("--readme", default=str(README), help="readme: the file whose section is rewritten")
-    parser.add_argument("--seeds", type=int, nargs="+", help="momentum: training seeds (default 1 2 3)")
-    parser.add_argument("--steps", type=int, help="momentum: optimizer steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="momentum, icl-emergence: training seeds (default 1 2 3; 1 2)")
+    parser.add_argument("--steps", type=int, help="momentum, icl-emergence: optimizer steps per run")
     parser.add_argument("--eta", type=float, help="momentum: eta of momentum attention (default 0.5)")
-    parser.add_argument("--episodes", type=int, help="icl-vs-ft: held-out episodes per task and shot count (default 200)")
+    parser.add_argument("--episodes", type=int, help="icl-vs-ft: held-out episodes per task and shot count (default 200); "
+                        "icl-emergence: held-out documents (default 128)")
     parser.add_argument("--shots", type=int, nargs="+", help="icl-vs-ft: shot counts (default 0 1 2 4 8)")
     parser.add_argument("--tasks", nargs="+", help="icl-vs-ft: template tasks (default mr bbc)")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="icl-vs-ft: finetuning learning rates to tune over")

@@ -14,7 +14,8 @@ from lit_icl.cli import build_cli
 from lit_icl.module import LitTransformerLM
 from tests.textdata import write_corpus
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
 NEEDS_PRETRAINED = {"smollm2_icl.yaml"}  # a named model (a 93 MB download): a tiny local Llama instead
 NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml", "real_tasks.yaml"}  # required, or a named source (no download in tests)
@@ -91,3 +92,14 @@ def test_overlays_change_only_what_they_name():
     for name in ("momentum.yaml", "softmax.yaml"):
         assert stack(CONFIGS[0].parent / name)[0].name == "quickstart.yaml"
         assert len((CONFIGS[0].parent / name).read_text().splitlines()) < 15
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_CORPUS))
+def test_corpus_configs_measure_icl_on_contiguous_text(name):
+    """The corpus configs have the text ICL measures on by default, on whole held-out files."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+    callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert "lit_icl.text_icl.TextICLCallback" in callbacks
+    assert cfg["data"]["init_args"]["val_by"] == "auto"

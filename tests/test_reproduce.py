@@ -143,6 +143,26 @@ def test_quick_icl_vs_ft(quick_dir):
     assert "| paper (GPT 1.3B / 2.7B) |" in text and "chosen" in text
 
 
+def test_quick_icl_emergence(quick_dir):
+    from lit_icl.experiments.icl_emergence import KINDS
+
+    reproduce("icl-emergence", "--quick", "--out", str(quick_dir))
+    data = json.loads((quick_dir / "icl-emergence.json").read_text())
+    assert len(data["runs"]) == 2 * len(KINDS) and set(data["summary"]) == set(KINDS)
+    assert data["figures"] == ["icl-emergence.png", "icl-emergence-position.png"]
+    for name in data["figures"]:
+        assert (quick_dir / name).stat().st_size > 0
+    for run in data["runs"].values():
+        r = run["result"]
+        assert [step for step, _ in r["curves"]["icl/text/score"]] == [1, 3]  # every validation
+        assert r["held_out"].startswith("whole files: part") and r["positions"] == [3, 32]
+        assert len(r["loss_at_end"]) == 32 and r["final"]["converted_max_abs_diff"] < 1e-9  # float64: exact
+        # TensorBoard stores float32
+        assert r["final"]["score"] == pytest.approx(r["final"]["loss_late"] - r["final"]["loss_early"], abs=1e-5)
+    text = (quick_dir / "icl-emergence.md").read_text()
+    assert "| gla+softmax |" in text and "phase change" in text and "--quick" in text
+
+
 def test_quick_iclaa_and_the_readme_section(quick_dir, tmp_path):
     reproduce("iclaa", "--quick", "--out", str(quick_dir))
     data = json.loads((quick_dir / "iclaa.json").read_text())
@@ -161,6 +181,7 @@ def test_quick_iclaa_and_the_readme_section(quick_dir, tmp_path):
     assert "| kv |" in first  # the other experiments' tables when their quick tests ran first (file order)
     assert ("| softmax | eta = 0.5 |" in first) == (quick_dir / "momentum.json").exists()
     assert ("SimAM(ICL,FT)" in first) == (quick_dir / "icl-vs-ft.json").exists()
+    assert ("| gla+softmax |" in first) == (quick_dir / "icl-emergence.json").exists()
     readme.write_text(first + "\n## After\n")
     reproduce("readme", "--out", str(quick_dir), "--readme", str(readme))
     assert readme.read_text() == first + "\n## After\n", "the marked block is replaced, the rest kept"

@@ -243,3 +243,44 @@ def test_ddp_ranks_take_their_own_shards_and_resume_their_own_position(corpus, t
         dm.train_dataloader().load_state_dict(state)
     with pytest.raises(ValueError, match="rank=4, world_size=4"):
         ResumableBatches(data, 4, rank=4, world_size=4)
+
+
+BAD_BYTES = b"ok line\n\xff\xfe bad bytes \xc3\x28\nmore\n"  # 0xff 0xfe at offsets 8-9, a cut 0xc3 at 21
+
+
+def test_invalid_utf8_stops_with_one_line_naming_file_offset_and_option(capsys, tmp_path, monkeypatch):
+    (tmp_path / "bad.txt").write_bytes(BAD_BYTES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lit-icl"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "text_momentum.yaml"), "--data.init_args.corpus",
+              str(tmp_path / "bad.txt"), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+              "--trainer.accelerator", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"{tmp_path / 'bad.txt'} is not valid utf-8: 3 invalid byte(s), the first at byte offset 8" in errors[0]
+    assert "--data.init_args.encoding_errors replace" in errors[0]
+
+
+def test_invalid_utf8_replaced_and_reported(corpus, tmp_path):
+    from lit_icl.data.load import check_encoding
+
+    with open(corpus, "ab") as f:
+        f.write(BAD_BYTES)
+    offset = corpus.stat().st_size - len(BAD_BYTES) + 8
+    assert check_encoding([str(corpus)], errors="replace") == {str(corpus): (3, offset)}
+    assert check_encoding([str(corpus)], errors="ignore") == {str(corpus): (3, offset)}
+    dm = make(corpus, tmp_path / "cache", encoding_errors="replace", val_by="tail")
+    dm.prepare_data()
+    assert "\ufffd\ufffd bad bytes \ufffd(" in dm._documents()["validation"][-1]["text"]  # the last document
+    with pytest.raises(ValueError, match=r"invalid byte\(s\), the first at byte offset"):
+        make(corpus, tmp_path / "cache2").prepare_data()
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café naïve\n".encode("cp1252"))
+    with pytest.raises(ValueError, match="byte offset 3"):
+        check_encoding([str(latin)])
+    assert check_encoding([str(latin)], encoding="cp1252") == {}
+    with pytest.raises(ValueError, match="not a Python codec"):
+        check_encoding([str(latin)], encoding="nope")

@@ -17,15 +17,21 @@ A *source* is one string:
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import glob
+import gzip
+import lzma
 import os
 from pathlib import Path
+from typing import Sequence
 
 from datasets import DatasetDict, load_dataset
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_icl.sources import named_path
 
-__all__ = ["BUILDERS", "load_source", "local_files"]
+__all__ = ["BUILDERS", "check_encoding", "load_source", "local_files"]
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".csv": "csv"}
@@ -56,8 +62,57 @@ def local_files(source: str) -> list[str] | None:
     return None
 
 
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _invalid_spans(data: bytes, encoding: str) -> list[tuple[int, int]]:
+    """The (start, end) byte offsets of every undecodable sequence of ``data`` in ``encoding``."""
+    spans: list[tuple[int, int]] = []
+
+    def record(err: UnicodeDecodeError):
+        spans.append((err.start, err.end))
+        return "\ufffd", err.end
+
+    codecs.register_error("lit_icl.record", record)  # replaces the previous registration: one at a time
+    data.decode(encoding, errors="lit_icl.record")
+    return spans
+
+
+def check_encoding(files: Sequence[str], encoding: str = "utf-8", errors: str = "strict") -> dict[str, tuple[int, int]]:
+    """Check that local text files decode in ``encoding``. With ``errors="strict"`` the first file
+    that does not raises ValueError naming it, the byte offset and the options that accept it;
+    with ``"replace"`` / ``"ignore"``, the files that need it are returned as file -> (invalid
+    bytes, offset of the first), and reported in one line each. A ``.zst`` file is not checked."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"encoding={encoding!r} is not a Python codec (e.g. utf-8, latin-1, cp1252)") from None
+    if errors not in ("strict", "replace", "ignore"):
+        raise ValueError(f"encoding_errors={errors!r}; allowed: strict, replace, ignore")
+    found = {}
+    for file in files:
+        suffix = Path(file).suffix.lower()
+        if suffix == ".zst":
+            continue
+        with OPENERS.get(suffix, open)(file, "rb") as f:
+            spans = _invalid_spans(f.read(), encoding)
+        if not spans:
+            continue
+        count, first = sum(end - start for start, end in spans), spans[0][0]
+        if errors == "strict":
+            raise ValueError(
+                f"{file} is not valid {encoding}: {count} invalid byte(s), the first at byte offset {first}; pass "
+                f"--data.init_args.encoding_errors replace to decode them as U+FFFD (or ignore to drop them), or "
+                f"--data.init_args.encoding with the file's encoding (e.g. cp1252)")
+        found[file] = (count, first)
+        action = "replaced by U+FFFD" if errors == "replace" else "dropped"
+        rank_zero_info(f"{file}: {count} invalid {encoding} byte(s) {action} (the first at byte offset {first})")
+    return found
+
+
 def load_source(source: str, config_name: str | None = None, cache_dir: str | None = None,
-                num_proc: int | None = None) -> DatasetDict:
+                num_proc: int | None = None, encoding: str = "utf-8", encoding_errors: str = "strict",
+                validation_files: Sequence[str] = ()) -> DatasetDict:
     """Load ``source`` (see the module docstring) as a ``DatasetDict`` of its splits.
 
     Args:
@@ -65,15 +120,27 @@ def load_source(source: str, config_name: str | None = None, cache_dir: str | No
         config_name: the hub dataset's configuration (``name`` of ``load_dataset``).
         cache_dir: the ``datasets`` cache for the prepared Arrow files (its default when ``None``).
         num_proc: processes preparing the dataset (``None``: one).
+        encoding: of local text files (checked first by :func:`check_encoding`).
+        encoding_errors: ``strict`` (an undecodable byte stops with one line naming the file and
+            its offset), ``replace`` (decoded as U+FFFD) or ``ignore`` (dropped); both reported.
+        validation_files: local files of ``source`` that form a ``validation`` split (the rest
+            is ``train``).
     """
     source = named_path(source)
     path = os.path.expanduser(source)
     files = local_files(source)
-    if files is None or os.path.isdir(path):
+    if files is None or (os.path.isdir(path) and not validation_files):
         return load_dataset(path, config_name, cache_dir=cache_dir, num_proc=num_proc)
     builders = {BUILDERS.get(_suffix(f)) for f in files}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"{source!r} matches files of unknown or mixed formats; extensions allowed: {sorted(BUILDERS)}")
     builder = builders.pop()
-    options = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir, num_proc=num_proc, **options)
+    options = {}
+    if builder == "text":
+        check_encoding(files, encoding, encoding_errors)
+        options = dict(sample_by="paragraph", encoding=encoding, encoding_errors=encoding_errors)
+    held = set(validation_files)
+    data_files = {"train": [f for f in files if f not in held]}
+    if held:
+        data_files["validation"] = [f for f in files if f in held]
+    return load_dataset(builder, data_files=data_files, cache_dir=cache_dir, num_proc=num_proc, **options)

@@ -5,7 +5,10 @@ local files' sizes and modification times, the split and tokenizer settings):
 
 1. ``load_source(corpus)`` (:mod:`lit_icl.data.load`): local text / JSONL / parquet files or a
    hub dataset, through ``datasets.load_dataset``. Validation is the corpus's ``val_split`` if it
-   has one, else a seeded random ``val_fraction`` of the training documents (at least one).
+   has one, else ``val_fraction`` of the training documents held out as ``val_by`` says: a seeded
+   random choice of documents (``document``, the default), whole files (``file``: a seeded choice
+   of the local files, e.g. whole works of ``shakespeare``) or the last documents in corpus order
+   (``tail``: one contiguous span).
 2. A byte-level BPE tokenizer (:mod:`lit_icl.data.tokenizer`) trained on the training split,
    once: ``tokenizer.json`` (or the one ``tokenizer_path`` names).
 3. ``Dataset.map`` tokenizes every document and appends ``<|endoftext|>`` (``num_proc``
@@ -24,6 +27,17 @@ plain DataLoader, which Lightning's DistributedSampler shards). The tokenizer is
 to the run (``<log_dir>/tokenizer.json``) and into every checkpoint (``state_dict``), and a
 checkpoint can be given back as ``tokenizer_path`` (read by :mod:`lit_icl.data.tokenizer`). The
 held-out episodes are the template tasks' (:class:`~lit_icl.data.templates.TemplateHeldout`).
+
+Held-out documents for the text measures (``heldout_documents``, the protocol of
+:mod:`lit_icl.text_icl`) are validation blocks of ``block_size + 1`` tokens, spread evenly over
+the validation split. They measure in-context learning only if the validation text is contiguous
+(a corpus's own validation split, ``val_by: file`` or ``tail``): with ``val_by: document`` a
+block of a paragraph-per-document corpus holds unrelated paragraphs, and they are refused. A
+block is contiguous text of one file, but for the rare block that straddles two held-out files.
+
+Local text files are decoded with ``encoding``; an undecodable byte stops the run with one line
+naming the file and the byte offset (``encoding_errors: strict``), or is replaced / dropped and
+reported per file (``replace`` / ``ignore``), see :func:`lit_icl.data.load.check_encoding`.
 """
 
 from __future__ import annotations
@@ -50,10 +64,11 @@ from lit_icl.data.load import load_source, local_files
 from lit_icl.data.synthetic import check_at_least
 from lit_icl.data.templates import TemplateHeldout, TemplateTask
 from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, read_tokenizer, save_tokenizer, tokenizer_sha, train_bpe
-from lit_icl.sources import default_cache_dir
+from lit_icl.sources import default_cache_dir, named_path
 
 __all__ = ["TextDataModule", "pack"]
 
+VAL_BY = ("document", "file", "tail", "auto")
 MAP_BATCH = 1000  # documents per Dataset.map batch (packing works within a batch)
 CACHE_VERSION = 1  # part of every cache key: bump it when the pipeline's output changes
 
@@ -103,6 +118,14 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
         batch_size: sequences per batch (per process under DDP).
         num_workers: worker processes that fetch batches.
         seed: seed of the validation split and of the per-epoch training order.
+        val_by: without a ``val_split``, what ``val_fraction`` holds out: ``document`` (a seeded
+            random choice of documents), ``file`` (a seeded choice of whole local files, at least
+            one), ``tail`` (the last documents, one contiguous span) or ``auto`` (``file`` for a
+            glob or named source of several files, else ``tail``); not ``document`` for the text
+            measures, which need contiguous held-out text.
+        encoding: of local text files.
+        encoding_errors: ``strict`` (an undecodable byte stops with one line), ``replace``
+            (decoded as U+FFFD) or ``ignore`` (dropped); replacements are reported per file.
         templates: template-based classification tasks for ``heldout_episodes``.
         num_heldout: default number of held-out episodes per task.
     """
@@ -126,6 +149,9 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
         seed: int = 1234,
         templates: Sequence[TemplateTask] = (),
         num_heldout: int = 256,
+        val_by: str = "document",
+        encoding: str = "utf-8",
+        encoding_errors: str = "strict",
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -140,6 +166,10 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
                                ("num_workers", num_workers, 0), ("num_heldout", num_heldout, 1)])
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"{owner}: val_fraction must be in (0, 1), got {val_fraction}")
+        if val_by not in VAL_BY:
+            raise ValueError(f"{owner}: val_by={val_by!r}; allowed: {', '.join(VAL_BY)}")
+        if encoding_errors not in ("strict", "replace", "ignore"):
+            raise ValueError(f"{owner}: encoding_errors={encoding_errors!r}; allowed: strict, replace, ignore")
         if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
             raise ValueError(f"{owner}: tokenizer_path {tokenizer_path!r} is not a file")
         self.cache_dir = cache_dir or default_cache_dir()
@@ -151,6 +181,8 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
         self.block_size, self._vocab_size, self.min_frequency = block_size, vocab_size, min_frequency
         self.tokenizer_path, self.num_proc, self.seed = tokenizer_path, num_proc, seed
         self.batch_size, self.num_workers, self.num_heldout = batch_size, num_workers, num_heldout
+        self.val_by, self.encoding, self.encoding_errors = val_by, encoding, encoding_errors
+        self.val_held = ""  # what the validation split is, said in the log and by heldout_documents
         self.built: list[str] = []  # what this process built rather than loaded from the cache
         self._tokenizer: Tokenizer | None = None
         self._blocks: dict[str, Any] = {}
@@ -184,13 +216,35 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
                 (os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
             "tokenizer": tokenizer_sha(given) if given is not None else (self._vocab_size, self.min_frequency),
             **{n: getattr(self, n) for n in ("corpus_config", "text_field", "train_split", "val_split",
-                                             "val_fraction", "seed")},
+                                             "val_fraction", "seed", "val_by", "encoding", "encoding_errors")},
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
+    def _val_mode(self, files: list[str] | None) -> str:
+        """``val_by`` with ``auto`` resolved: ``file`` for several local files named by a file or a
+        glob (a directory may name its splits), else ``tail``."""
+        if self.val_by != "auto":
+            return self.val_by
+        several = files is not None and len(files) > 1 and not os.path.isdir(os.path.expanduser(named_path(self.corpus)))
+        return "file" if several else "tail"
+
+    def _validation_files(self) -> list[str]:
+        """With ``val_by: file``, the seeded choice of whole local files held out (else none)."""
+        files = local_files(self.corpus)
+        if self._val_mode(files) != "file":
+            return []
+        if files is None or len(files) < 2:
+            raise ValueError(f"TextDataModule: val_by: file needs a corpus of several local files; {self.corpus!r} "
+                             f"has {0 if files is None else len(files)}; use val_by: tail (the last documents)")
+        order = np.random.default_rng(self.seed).permutation(len(files))
+        held = min(len(files) - 1, max(1, round(self.val_fraction * len(files))))
+        return [files[i] for i in sorted(order[:held])]
+
     def _documents(self) -> DatasetDict:
         """The corpus as ``train`` and ``validation`` splits of the text column alone."""
-        splits = load_source(self.corpus, self.corpus_config, os.path.join(self.cache_dir, "hf"), self.num_proc)
+        held_files = self._validation_files()
+        splits = load_source(self.corpus, self.corpus_config, os.path.join(self.cache_dir, "hf"), self.num_proc,
+                             self.encoding, self.encoding_errors, held_files)
         if self.train_split not in splits:
             raise ValueError(f"TextDataModule: no split {self.train_split!r} in {self.corpus!r}; it has {list(splits)}")
         train = splits[self.train_split]
@@ -198,14 +252,40 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
             raise ValueError(
                 f"TextDataModule: no field {self.text_field!r} in {self.corpus!r}; it has {train.column_names}"
             )
-        if self.val_split in splits:
+        if held_files:
+            val = splits["validation"]
+            self.val_held = "whole files: " + ", ".join(os.path.basename(f) for f in held_files)
+        elif self.val_split in splits:
             val = splits[self.val_split]
+            self.val_held = f"the corpus's {self.val_split!r} split"
         else:
-            order = np.random.default_rng(self.seed).permutation(len(train))
             held = max(1, round(self.val_fraction * len(train)))  # indices kept in memory: no cache file
+            if self._val_mode(local_files(self.corpus)) == "tail":
+                order = np.arange(len(train))[::-1]
+                self.val_held = f"the last {held} of {len(train)} documents (one contiguous span)"
+            else:
+                order = np.random.default_rng(self.seed).permutation(len(train))
+                self.val_held = ""  # random documents: not contiguous
             val = train.select(np.sort(order[:held]), keep_in_memory=True)
             train = train.select(np.sort(order[held:]), keep_in_memory=True)
+        if self.val_held:
+            rank_zero_info(f"TextDataModule: validation text: {self.val_held}")
         return DatasetDict(train=train.select_columns([self.text_field]), validation=val.select_columns([self.text_field]))
+
+    def heldout_documents(self, num_documents: int) -> torch.Tensor:
+        """Up to ``num_documents`` validation blocks [N, block_size + 1] of contiguous text, spread
+        evenly over the validation split (the text measures' documents, :mod:`lit_icl.text_icl`);
+        ValueError when the validation split is random documents (``val_by: document``)."""
+        if not self._blocks:
+            self._build()
+        if not self.val_held:
+            raise ValueError(
+                f"the validation text of {self.corpus!r} is a random {self.val_fraction:g} of its documents, so a "
+                "validation block joins unrelated documents and its late positions measure nothing; set "
+                "--data.init_args.val_by file (whole files held out) or tail (the last documents)")
+        blocks = self._blocks["validation"]
+        picks = np.unique(np.linspace(0, len(blocks) - 1, min(num_documents, len(blocks))).round().astype(int))
+        return torch.stack([blocks[int(i)]["ids"] for i in picks]).long()
 
     def _build(self) -> None:
         """Load, or build and cache, the tokenizer and the packed blocks (under the entry's lock)."""
