@@ -131,7 +131,7 @@ def test_checkpoint_knows_its_tokenizer(corpus, tmp_path):
     del bare["TextDataModule"]
     torch.save(bare, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match="holds no TextDataModule tokenizer"):
-        TextDataModule.read_tokenizer(str(tmp_path / "bare.ckpt"))
+        read_tokenizer(str(tmp_path / "bare.ckpt"))
 
 
 def test_missing_corpus_is_a_one_line_error(capsys, tmp_path, monkeypatch):
