@@ -36,4 +36,23 @@ def test_real_model_continues_the_prompts_and_converts_exactly(name):
         prompted = model(torch.tensor([demo + query]))[:, len(demo):]
         converted = model(torch.tensor([query]), state=convert(model, torch.tensor([demo])))
     torch.testing.assert_close(converted, prompted, rtol=1e-4, atol=1e-4 * prompted.abs().max().item())
-    assert tokenizer.decode(generate(model, torch.tensor([query]), 1, state=convert(model, torch.tensor([demo])))[0]) == " Rome"
+    after = generate(model, torch.tensor([query]), 1, state=convert(model, torch.tensor([demo])))
+    assert tokenizer.decode(after[0].tolist()) == " Rome"
+
+
+@pytest.mark.parametrize("name", [fetched("gemma3-270m")])
+def test_real_gemma_converts_a_context_longer_than_its_window(name):
+    """A 700-token context (the sliding layers' state keeps its last 512 keys) continues as the
+    prompted model does."""
+    directory = model_directory(name)
+    model, tokenizer = TransformerLM.from_hf(directory), Tokenizer.from_file(f"{directory}/tokenizer.json")
+    pairs = ["France -> Paris", "Germany -> Berlin", "Spain -> Madrid", "Japan -> Tokyo", "Egypt -> Cairo"]
+    demo = tokenizer.encode("\n".join(pairs * 40) + "\n").ids[:700]
+    query = tokenizer.encode("Italy ->", add_special_tokens=False).ids
+    assert model.config.window == 512 < len(demo)
+    with torch.no_grad():
+        state = convert(model, torch.tensor([demo]))
+        assert {layer.mixer.k.shape[2] for layer, kind in zip(state.layers, model.config.kinds) if kind == "sliding"} == {512}
+        prompted = model(torch.tensor([demo + query]))[:, len(demo):]
+        converted = model(torch.tensor([query]), state=state)
+    torch.testing.assert_close(converted, prompted, rtol=1e-4, atol=1e-4 * prompted.abs().max().item())
