@@ -113,9 +113,8 @@ class TransformerConfig:
             if refused:
                 raise ValueError(f"qk_norm={self.qk_norm!r} is not available for {refused[0]} attention; allowed: "
                                  f"{list(takes[refused[0]]) if self.qk_norm in allowed else allowed}")
-        softmax_kinds = [name for name, mixer in MIXERS.items() if "kv" in mixer.states]
-        if self.head_size not in (None, self.n_embd // self.n_head) and not set(self.kinds) <= set(softmax_kinds):
-            raise ValueError(f"head_size={self.head_size} (other than n_embd // n_head) needs attention in {softmax_kinds}")
+        if self.head_size not in (None, self.n_embd // self.n_head) and not set(self.kinds) <= set(grouped):
+            raise ValueError(f"head_size={self.head_size} (other than n_embd // n_head) needs attention in {grouped}")
         if self.window is not None and "sliding" not in self.kinds:
             raise ValueError(f"window={self.window} applies to attention='sliding' layers only; attention={self.attention!r}")
         for name in ("qkv_bias", "post_norm", "scale_embedding"):

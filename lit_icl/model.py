@@ -159,14 +159,12 @@ class TransformerLM(nn.Module):
     @property
     def modes(self) -> tuple[str, ...]:
         """The conversion modes of this model; the first is exact (the default). A stack of one
-        kind has its mixer's modes; a hybrid has the layers' exact mode when they share its name
-        (Gemma 3's sliding and global layers: "kv"), else "exact" (each layer's exact state), and
-        every layer's other modes, which apply to the layers that have them (the others stay exact)."""
+        kind has its mixer's modes; a hybrid has "exact" (each layer's exact state) and every
+        layer's other modes, which apply to the layers that have them (the others stay exact)."""
         per_layer = [mixer.modes for mixer in self.mixers]
         if all(modes == per_layer[0] for modes in per_layer):
             return per_layer[0]
-        exact = {modes[0] for modes in per_layer}
-        return (exact.pop() if len(exact) == 1 else "exact", *dict.fromkeys(m for modes in per_layer for m in modes[1:]))
+        return ("exact", *dict.fromkeys(mode for modes in per_layer for mode in modes[1:]))
 
     def check_mode(self, mode: str) -> None:
         """ValueError unless `mode` is one of `modes`."""

@@ -111,7 +111,7 @@ def test_conversion_through_sliding_layers_is_exact(gemma_dirs, name, tmp_path):
     demo, more, query = tokens(2, 3 * W), tokens(2, 2, seed=2), tokens(2, W + 2, seed=3)
     prompted = model(torch.cat([demo, more, query], 1))[:, 3 * W + 2:]
     state = convert(model, demo)
-    assert model.modes == ("kv", "prf", "taylor") and state.mode == "kv"  # ICLAA on the global layers only
+    assert model.modes == ("exact", "prf", "taylor") and state.mode == "exact"  # ICLAA on the global layers only
     taylor = convert(model, demo, mode="taylor")
     assert all(type(t.mixer).__name__ == ("WindowKV" if k == "sliding" else "FeatureSums")
                for t, k in zip(taylor.layers, model.config.kinds))

@@ -63,10 +63,11 @@ def keep_window(k: Tensor, v: Tensor, real: Tensor, pos: Tensor, window: int | N
 @register("sliding")
 class SlidingWindowAttention(SoftmaxAttention):
     """Softmax attention over the last `window` positions (TransformerConfig.window; None = all),
-    with its own RoPE base (rope_local_theta, else rope_theta). Conversion mode: "kv" (exact;
-    the approximate ICLAA modes of softmax do not apply to a window)."""
+    with its own RoPE base (rope_local_theta, else rope_theta). Conversion mode: "exact" (the
+    approximate ICLAA modes of softmax do not apply to a window; in a stack with softmax layers,
+    such as Gemma 3's, they apply to those layers)."""
 
-    states = {"kv": WindowKV}
+    states = {"exact": WindowKV}  # constant-size, like the recurrent kinds' states (softmax's growing prefix: "kv")
 
     @property
     def rope_base(self) -> float:
