@@ -45,7 +45,7 @@ from lit_icl.model import TransformerLM, evaluating
 from lit_icl.validation_measure import ValidationMeasure
 
 __all__ = ["HeldoutDocuments", "TextICLCallback", "TextICLMetrics", "converted_losses", "default_positions",
-           "icl_score", "log_bins", "token_losses"]
+           "icl_score", "log_bins", "loss_near", "token_losses"]
 
 OLSSON_POSITIONS = (50, 500)  # Olsson et al. 2022's early and late tokens
 
@@ -80,10 +80,18 @@ def log_bins(length: int) -> list[tuple[int, int]]:
     return [(lo, min(2 * lo - 1, length)) for lo in (2 ** i for i in range(int(math.log2(length)) + 1))]
 
 
-def icl_score(loss_at: Tensor, early: int, late: int) -> float:
+def loss_near(loss_at: Tensor, position: int, window: float = 0.0) -> float:
+    """The mean of `loss_at` [L] (position t at index t - 1) over the positions within
+    +-`window` * position of `position` (within 1..L); window 0: that position alone."""
+    half = int(window * position)
+    return float(loss_at[max(1, position - half) - 1 : min(len(loss_at), position + half)].mean())
+
+
+def icl_score(loss_at: Tensor, early: int, late: int, window: float = 0.0) -> float:
     """Olsson et al. 2022's ICL score: the loss at position `late` minus that at `early`, from the
-    mean loss per position `loss_at` [L] (position t at index t - 1)."""
-    return float(loss_at[late - 1] - loss_at[early - 1])
+    mean loss per position `loss_at` [L]; with `window`, each term averages the positions within
+    +-window * its position (a few documents make single positions noisy)."""
+    return loss_near(loss_at, late, window) - loss_near(loss_at, early, window)
 
 
 def default_positions(length: int) -> tuple[int, int]:
@@ -128,7 +136,8 @@ class TextICLMetrics(Metric):
             self.tokens += prompted.numel()
 
     def compute(self) -> dict[str, Tensor]:
-        out = {"loss_at": self.loss_sum / self.documents, "prompted": self.prompted_sum / self.tokens}
+        out = {"loss_at": self.loss_sum / self.documents, "prompted": self.prompted_sum / self.tokens,
+               "documents": self.documents}
         for name in self.names:
             out[name] = getattr(self, f"{name}_sum") / self.tokens
             out[f"{name}_max"] = getattr(self, f"{name}_max")
@@ -139,7 +148,8 @@ class TextICLCallback(ValidationMeasure):
     """The per-position loss, the ICL score and prefix conversion on held-out documents, at
     validation end. It logs (all under `icl/text/`):
 
-    - `score`: loss(late) - loss(early) (Olsson et al. 2022); `loss_early`, `loss_late` its terms;
+    - `score`: loss(late) - loss(early) (Olsson et al. 2022; with `window`, each term the mean
+      over the positions within +-window of it); `loss_early`, `loss_late` its terms;
     - `loss_at/<p>`: the mean loss over positions p..2p-1 (p = 1, 2, 4, ...; the last bin is cut
       at the documents' length), and `loss`, the mean over all positions;
     - `prompted_loss`: the mean loss of the positions after the first `prefix` tokens, in the
@@ -149,8 +159,8 @@ class TextICLCallback(ValidationMeasure):
       per-token |difference|); for softmax layers also `converted_<mode>_loss`,
       `converted_<mode>_loss_diff`, `converted_<mode>_max_abs_diff` of ICLAA's approximate modes
       (Chen et al. 2024; the loss gap is the information they lose);
-    - `seconds` (this measurement's wall time) and `failed` (1 for a validation whose
-      measurement failed, else 0);
+    - `documents` (how many were measured, over all ranks), `seconds` (this measurement's wall
+      time) and `failed` (1 for a validation whose measurement failed, else 0);
     - a TensorBoard figure `icl/text/loss_vs_position`: the loss against position, one curve per
       validation so far (rank zero).
 
@@ -165,6 +175,10 @@ class TextICLCallback(ValidationMeasure):
         num_documents: held-out documents measured (fewer if the DataModule has fewer).
         positions: (early, late) of the ICL score; None: Olsson et al.'s (50, 500) when the
             documents measure 500 positions, else (positions // 10, positions), said in the log.
+        window: 0 for Olsson et al.'s single positions; else each term of the score averages the
+            positions within +-window * its position (0.1: 23..27 and 231..256 for (25, 256)),
+            which a small held-out set needs: its single positions hold the same few tokens at
+            every measurement.
         prefix: tokens of each document converted into state; None: half the positions.
         batch_size: documents per forward pass.
         every_n_validations: run at the 1st validation and every n-th after it.
@@ -181,6 +195,7 @@ class TextICLCallback(ValidationMeasure):
         self,
         num_documents: int = 64,
         positions: Sequence[int] | None = None,
+        window: float = 0.0,
         prefix: int | None = None,
         batch_size: int = 16,
         every_n_validations: int = 1,
@@ -193,6 +208,8 @@ class TextICLCallback(ValidationMeasure):
             raise ValueError(f"num_documents={num_documents} and batch_size={batch_size} must be >= 1")
         if positions is not None and (len(positions) != 2 or not 1 <= positions[0] < positions[1]):
             raise ValueError(f"positions={list(positions)} must be two positions early < late, both >= 1")
+        if not 0.0 <= window < 1.0:
+            raise ValueError(f"window={window} must be in [0, 1)")
         if prefix is not None and prefix < 1:
             raise ValueError(f"prefix={prefix} must be >= 1")
         unknown = set(approximate_modes) - set(APPROXIMATE_MODES)
@@ -201,7 +218,7 @@ class TextICLCallback(ValidationMeasure):
                              f"allowed: {', '.join(APPROXIMATE_MODES)}")
         self.num_documents, self.batch_size = num_documents, batch_size
         self.positions = None if positions is None else (int(positions[0]), int(positions[1]))
-        self.prefix_tokens = prefix
+        self.prefix_tokens, self.window = prefix, window
         self.approximate = {m: dict(mode=m, num_features=num_features, seed=seed) for m in approximate_modes}
         self.documents: Tensor | None = None
         self.early = self.late = self.split = 0
@@ -260,8 +277,8 @@ class TextICLCallback(ValidationMeasure):
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: TextICLMetrics, start: float) -> None:
         out = metrics.compute()  # syncs across ranks
         loss_at = out.pop("loss_at").cpu()
-        scalars = {"score": icl_score(loss_at, self.early, self.late), "loss_early": float(loss_at[self.early - 1]),
-                   "loss_late": float(loss_at[self.late - 1]), "loss": float(loss_at.mean()),
+        early, late = (loss_near(loss_at, p, self.window) for p in (self.early, self.late))
+        scalars = {"score": late - early, "loss_early": early, "loss_late": late, "loss": float(loss_at.mean()),
                    "prompted_loss": float(out.pop("prompted"))}
         for lo, hi in log_bins(len(loss_at)):
             scalars[f"loss_at/{lo}"] = float(loss_at[lo - 1 : hi].mean())
@@ -269,6 +286,7 @@ class TextICLCallback(ValidationMeasure):
             scalars[f"{name}_loss"] = float(out[name])
             scalars[f"{name}_loss_diff"] = float(out[name]) - scalars["prompted_loss"]
             scalars[f"{name}_max_abs_diff"] = float(out[f"{name}_max"])
+        scalars["documents"] = float(out["documents"])  # over all ranks
         scalars["seconds"], scalars["failed"] = time.perf_counter() - start, 0.0
         self.results = scalars
         self.history.append((trainer.global_step, loss_at.tolist()))

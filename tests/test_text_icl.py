@@ -70,6 +70,10 @@ def test_bins_positions_and_score():
     assert default_positions(1024) == (50, 500) and default_positions(500) == (50, 500)
     assert default_positions(256) == (25, 256) and default_positions(5) == (1, 5)
     assert icl_score(torch.tensor([5.0, 4.0, 3.0, 2.5]), 2, 4) == pytest.approx(-1.5)
+    loss = torch.arange(1.0, 301.0)  # loss t at position t
+    assert icl_score(loss, 10, 100, window=0.1) == pytest.approx(90.0)  # 9..11 and 90..110, both centred
+    assert icl_score(loss, 10, 300, window=0.1) == pytest.approx(285.0 - 10.0)  # 270..300: cut at the end
+    assert icl_score(loss, 10, 300, window=0.05) == pytest.approx(292.5 - 10.0)  # 285..300; 10 alone
 
 
 def test_metric_sums_do_not_depend_on_batching():
@@ -106,7 +110,8 @@ def recall_run(tmp_path, callbacks, steps=4, logger=False):
 
 
 def test_with_the_task_comparison_in_one_run(tmp_path):
-    text, tasks = TextICLCallback(num_documents=6, batch_size=4, positions=(2, 30)), ICLConversionCallback(shots=[0, 2])
+    text = TextICLCallback(num_documents=6, batch_size=4, positions=(2, 30), window=0.2)
+    tasks = ICLConversionCallback(shots=[0, 2])
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer, module, dm = recall_run(tmp_path, [text, tasks], logger=logger)
     trainer.fit(module, datamodule=dm)
@@ -134,7 +139,8 @@ def test_fails_fast(tmp_path):
     trainer, module, _ = recall_run(tmp_path, [TextICLCallback()])
     with pytest.raises(ValueError, match="needs a DataModule with heldout_documents"):
         trainer.fit(module, datamodule=plain)
-    for bad in (dict(positions=(5, 5)), dict(num_documents=0), dict(prefix=0), dict(approximate_modes=["exp"])):
+    for bad in (dict(positions=(5, 5)), dict(num_documents=0), dict(prefix=0), dict(approximate_modes=["exp"]),
+                dict(window=1.0)):
         with pytest.raises(ValueError):
             TextICLCallback(**bad)
 
@@ -217,6 +223,7 @@ def test_ddp_two_processes_give_the_one_process_figures(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[devices] = json.loads(path.read_text())
     assert out[1].keys() == out[2].keys() and "converted_prf_loss" in out[1]
+    assert out[1]["documents"] == out[2]["documents"] == 7  # each document measured once
     for name, value in out[1].items():
         if name == "seconds":
             continue
