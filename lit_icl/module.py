@@ -79,7 +79,7 @@ class LitTransformerLM(pl.LightningModule):
     Args:
         config: the model's :class:`~lit_icl.model.TransformerConfig` (a dict of its fields is
             accepted too). May be omitted with ``pretrained``; see :func:`pretrained_config`.
-        pretrained: a local Hugging Face directory (``model_type`` gpt2 or llama) whose weights
+        pretrained: a local Hugging Face directory (``model_type`` gpt2, llama, qwen2, gemma3_text or gemma3) whose weights
             the model starts from (:meth:`TransformerLM.from_hf`). The hparams keep it and the
             whole config, so ``load_from_checkpoint`` (which passes ``pretrained=None``) rebuilds
             the model without the directory; ``lit-icl validate --ckpt_path`` (whose data's
