@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_icl.callbacks import EpisodeRuns, ICLConversionCallback, format_summary
+from lit_icl.comparison import conversions
 from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.finetune import finetune
 from lit_icl.mixers import MIXERS, SoftmaxAttention
@@ -54,7 +55,7 @@ def test_callback_logs_every_metric_per_shot_count(tmp_path, attention):
     t.fit(module, datamodule=dm)
     assert cb.validations == 2 and set(cb.results) == {0, 1, 4}
     assert module.training
-    conv = "converted_kv" if attention == "softmax" else "converted"
+    conv = conversions(module.model)[0].name  # converted, or converted_<mode> (softmax: converted_kv)
     for k in (0, 1, 4):
         row = cb.results[k]
         assert row["rel_logit_err"] < 1e-5  # exact conversion: float32 rounding
