@@ -36,6 +36,27 @@ def task(data, **kwargs) -> TemplateTask:
     return TemplateTask(**{**args, **kwargs})
 
 
+def test_a_tokenizer_that_adds_bos_gets_it_once_per_prompt(data, tokenizer):
+    """Gemma's tokenizer puts <bos> before every encode; demonstrations and queries are encoded one
+    by one, so the episodes drop it everywhere and put it back once, before the first demonstration."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    with_bos = Tokenizer.from_str(tokenizer.to_str())
+    with_bos.add_special_tokens(["<bos>"])
+    bos = with_bos.token_to_id("<bos>")
+    with_bos.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    assert with_bos.encode("cat").ids[0] == bos
+    source = TemplateEpisodes(task(data))
+    plain, ep = (source.episodes(t, n_shots=3, num_episodes=6) for t in (tokenizer, with_bos))
+    assert ep.candidates.tolist() == plain.candidates.tolist(), "candidates: the word's own first token"
+    for i in range(6):
+        demo = ep.demo_ids[i][ep.shot_index[i] >= 0].tolist()
+        assert demo[0] == bos and demo.count(bos) == 1 and demo[1:] == plain.demo_ids[i][plain.shot_index[i] >= 0].tolist()
+        assert bos not in ep.query_ids[i].tolist()
+    assert (source.episodes(with_bos, n_shots=0, num_episodes=2).demo_ids.shape[1]) == 0
+
+
 def test_from_lists_left_pads_demonstrations_and_queries():
     ep = Episodes.from_lists([[[5, 6], [7]], [[8], [9, 10, 11]]], [[3], [4, 2]], [1, 2], [1, 2], pad_id=0)
     assert ep.demo_ids.tolist() == [[0, 5, 6, 7], [8, 9, 10, 11]]

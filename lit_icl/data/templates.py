@@ -148,7 +148,8 @@ class TemplateEpisodes:
     def candidates(self, tokenizer: Tokenizer) -> dict[str, int]:
         """label -> the first token of its word as it follows the query (the candidates)."""
         _, space, _ = self.task.parts
-        first = {label: tokenizer.encode(space + word).ids[0] for label, word in self.task.verbalizer.items()}
+        first = {label: tokenizer.encode(space + word, add_special_tokens=False).ids[0]
+                 for label, word in self.task.verbalizer.items()}
         if len(set(first.values())) != len(first):
             tokens = {w: tokenizer.id_to_token(first[label]) for label, w in self.task.verbalizer.items()}
             raise ValueError(
@@ -185,11 +186,16 @@ class TemplateEpisodes:
         queries = [order[i % len(order)] for i in range(num_episodes)]
         rows = [self.demonstration_rows(n_shots, i) for i in range(num_episodes)]
         demo_texts = [self.format(self.train_texts[r], self.train_labels[r]) for shots in rows for r in shots]
-        demo_ids = iter([e.ids for e in tokenizer.encode_batch(demo_texts)])
+        # every piece without the tokenizer's special tokens; its BOS (Gemma's <bos>; none for a
+        # byte-level BPE) once, at the start of the first demonstration: one per prompt, as the
+        # model was trained, and the query continues the demonstrations (a state) without one
+        bos = tokenizer.encode("").ids
+        demo_ids = iter([e.ids for e in tokenizer.encode_batch(demo_texts, add_special_tokens=False)])
         query_texts = [self.format(self.eval_texts[q]) for q in queries]
+        demos = [[next(demo_ids) for _ in shots] for shots in rows]
         return Episodes.from_lists(
-            demos=[[next(demo_ids) for _ in shots] for shots in rows],
-            queries=[e.ids for e in tokenizer.encode_batch(query_texts)],
+            demos=[[bos + shots[0], *shots[1:]] if shots else [] for shots in demos],
+            queries=[e.ids for e in tokenizer.encode_batch(query_texts, add_special_tokens=False)],
             answers=[first[self.eval_labels[q]] for q in queries],
             candidates=list(first.values()),
             pad_id=pad_id,
