@@ -19,6 +19,7 @@ Several measures can run in one Trainer: each keeps its own schedule and its own
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ log = logging.getLogger("lightning.pytorch")
 __all__ = ["ValidationMeasure"]
 
 
-class ValidationMeasure(Callback):
+class ValidationMeasure(Callback, abc.ABC):
     """Base of a measure taken at validation end (see the module docstring). Subclasses set
     `prefix` (of the logged names) and `needs` (why the whole model is needed on every rank),
     and implement `prepare`, `measure` and `publish`."""
@@ -54,18 +55,18 @@ class ValidationMeasure(Callback):
             raise ValueError(f"{type(self).__name__} needs the whole model on every rank ({self.needs}), but "
                              f"strategy {name} shards it; use strategy ddp")
 
+    @abc.abstractmethod
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build and check the held-out data; ValueError with one line naming what cannot work."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """This rank's share of the measurement (may fail; must not sync across ranks)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Any, start: float) -> None:
         """Reduce `result` across ranks and log it (`start`: time.perf_counter() when the
         measurement began)."""
-        raise NotImplementedError
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.prepare(trainer, pl_module)
