@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lit_icl.files import load_checkpoint
+from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.sources import SOURCES, model_directory
 
 __all__ = ["CHECKPOINT_KEY", "EOS", "MIN_VOCAB_SIZE", "checkpoint_tokenizer", "read_tokenizer", "save_tokenizer",
@@ -66,11 +65,9 @@ def tokenizer_sha(tokenizer: Tokenizer) -> str:
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
     """Write ``tokenizer`` as JSON to ``path`` atomically (a temporary file, then a rename), so a
     concurrent reader sees either no file or the whole file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(tokenizer.to_str(pretty=True))
-    os.replace(f.name, path)
 
 
 def tokenizer_file(spec: str) -> str:
