@@ -14,8 +14,15 @@ four predictions on the same queries:
 - finetuned: the query alone on a copy finetuned on the demonstrations (`lit_icl.finetune`,
   all episodes of a shot count at once).
 
-It logs under `icl/<metric>/k=<shots>` the four accuracies, the conversion error, Rec2FTP,
-SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL); `hp/<prediction>_acc`
+The comparison itself is `lit_icl.evaluation.measure`, a plain function; this callback schedules
+it, checks at start that it can run, and logs. A label task (MR, BBC) is scored by the argmax over
+its candidate label tokens, an open-vocabulary one (a function task) by exact match of the
+answer's tokens, teacher-forced.
+
+It logs under `icl/<metric>/k=<shots>` the four accuracies, the conversion error, the share of
+episodes whose finetuned prediction differs from the zero-shot one (ft_changed), Rec2FTP,
+SimAOU (and its random baseline) and SimAM(ICL, FT) / SimAM(ICL, ZSL), and with a grid of
+finetuning rates the chosen one (finetune_lr); `hp/<prediction>_acc`
 (largest shot count) for TensorBoard's hparams view; a figure of accuracy against the number of
 demonstrations; and `icl/eval_seconds`. A table is printed when fitting ends.
 
@@ -41,13 +48,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 
-from lit_icl.comparison import EpisodeRuns, ICLMetrics, batches, conversions
+from lit_icl.evaluation import ICLMetrics, measure
 from lit_icl.data.episodes import Episodes
 from lit_icl.errors import first_line as _first_line
 from lit_icl.mixers import APPROXIMATE_MODES
-from lit_icl.model import TransformerLM, evaluating
+from lit_icl.model import TransformerLM
 from lit_icl.validation_measure import ValidationMeasure
 
 @runtime_checkable
@@ -89,8 +95,16 @@ class ICLConversionCallback(ValidationMeasure):
         every_n_validations: run at the 1st validation and every n-th after it.
         batch_size: episodes per forward pass (and per batched finetuning).
         finetune_params: what the finetuned copy trains: "kv" (the paper) | "attention" | "all".
-        finetune_lr: SGD learning rate of the finetuned copy.
+        finetune_lr: SGD learning rate of the finetuned copy, or a list of rates: then each task
+            and shot count uses the one whose finetuned copies have the lowest loss on the answers
+            of `select_episodes` other held-out episodes (logged as icl/finetune_lr/k=<shots>).
         finetune_epochs: passes over the demonstrations.
+        select_episodes: held-out episodes per task and shot count that choose the rate (with a
+            list of rates), taken after the evaluated ones.
+        tasks: the DataModule's tasks to evaluate (None: all of them).
+        check_batches: groups of `batch_size` episodes per shot count whose prompts also run in one
+            pass, to check the state the prompted prediction continues from (see
+            `lit_icl.evaluation`); the exact conversion error is measured on them.
         approximate_modes: for softmax models, ICLAA modes ("prf", "taylor") evaluated next to
             the exact KV prefix (logged as converted_<mode>).
         num_features: random features of mode "prf".
@@ -115,13 +129,16 @@ class ICLConversionCallback(ValidationMeasure):
         every_n_validations: int = 1,
         batch_size: int = 256,
         finetune_params: str = "kv",
-        finetune_lr: float = 0.1,
+        finetune_lr: float | Sequence[float] = 0.1,
         finetune_epochs: int = 1,
         approximate_modes: Sequence[str] = ("taylor", "prf"),
         num_features: int = 256,
         seed: int = 0,
         too_long: str = "error",
         untrained_baseline: bool = False,
+        select_episodes: int = 16,
+        tasks: Sequence[str] | None = None,
+        check_batches: int = 1,
     ):
         if not shots or any(int(k) < 0 for k in shots):
             raise ValueError(f"shots={list(shots)} must be a non-empty list of counts >= 0")
@@ -131,11 +148,21 @@ class ICLConversionCallback(ValidationMeasure):
             )
         if too_long not in ("error", "drop"):
             raise ValueError(f"too_long={too_long!r}; allowed: 'error', 'drop'")
+        grid = [float(lr) for lr in finetune_lr] if isinstance(finetune_lr, (list, tuple)) else None
+        if any(lr <= 0 or not lr < float("inf") for lr in grid or [float(finetune_lr)]) or grid == []:
+            raise ValueError(f"finetune_lr={finetune_lr!r} must be a rate > 0 or a non-empty list of them")
+        if select_episodes < 1 or check_batches < 0:
+            raise ValueError(f"select_episodes={select_episodes} must be >= 1 and check_batches={check_batches} >= 0")
+        if tasks is not None and (isinstance(tasks, str) or not tasks):
+            raise ValueError(f"tasks={tasks!r} must be a non-empty list of task names (or null: all)")
         super().__init__(every_n_validations)
         self.shots = sorted({int(k) for k in shots})
         self.num_episodes = num_episodes
         self.batch_size = batch_size
-        self.finetune_kwargs = dict(params=finetune_params, lr=finetune_lr, epochs=finetune_epochs)
+        self.lr_grid, self.select_episodes = grid, select_episodes
+        self.tasks, self.check_batches = None if tasks is None else list(tasks), check_batches
+        self.finetune_kwargs = dict(params=finetune_params, lr=grid[0] if grid else float(finetune_lr),
+                                    epochs=finetune_epochs)
         unknown = set(approximate_modes) - set(APPROXIMATE_MODES)
         if unknown:
             raise ValueError(f"approximate_modes={list(approximate_modes)}: unknown {sorted(unknown)}; "
@@ -147,6 +174,8 @@ class ICLConversionCallback(ValidationMeasure):
         self.untrained: TransformerLM | None = None
         self.declared_hparams = False
         self.episodes: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the checked episodes
+        self.select: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the episodes that choose the rate
+        self.name_tasks = False  # whether scalars name their task (the DataModule has several)
         self.dropped: dict[tuple[str, int], int] = {}
         self.results: dict[int, dict[str, float]] = {}  # the (first) task's, per shot count
         self.task_results: dict[str, dict[int, dict[str, float]]] = {}
@@ -178,42 +207,65 @@ class ICLConversionCallback(ValidationMeasure):
                 f"ICLConversionCallback needs a DataModule with heldout_episodes(n_shots) (the HeldoutEpisodes "
                 f"protocol of lit_icl.callbacks), got {type(datamodule).__name__}"
             )
-        tasks = list(datamodule.heldout_tasks()) if isinstance(datamodule, HeldoutTasks) else []
-        self.episodes, self.dropped = {}, {}
-        for task in tasks if len(tasks) > 1 else [""]:
-            where = f"task {task!r}, " if task else (f"task {tasks[0]!r}, " if tasks else "")
+        offered = list(datamodule.heldout_tasks()) if isinstance(datamodule, HeldoutTasks) else []
+        unknown = sorted(set(self.tasks or []) - set(offered))
+        if unknown:
+            raise ValueError(f"ICLConversionCallback: tasks={self.tasks}: {unknown} not offered by "
+                             f"{type(datamodule).__name__}; allowed: {offered}")
+        self.name_tasks = len(offered) > 1
+        self.episodes, self.select, self.dropped = {}, {}, {}
+        for task in [t for t in offered if self.tasks is None or t in self.tasks] or [""]:
+            where = f"task {task!r}, " if task else ""
             for k in self.shots:
                 try:
-                    if task:
-                        episodes = datamodule.heldout_episodes(k, self.num_episodes, task=task)
-                    else:
-                        episodes = datamodule.heldout_episodes(k, self.num_episodes)
+                    episodes, select = self._heldout(datamodule, task, k)
                 except ValueError as err:
                     raise ValueError(f"ICLConversionCallback: {where}{k} shots: {_first_line(err)}") from err
-                candidates = episodes.candidates.tolist()
-                if len(set(candidates)) != len(candidates):
-                    raise ValueError(
-                        f"ICLConversionCallback: {where}the candidate answers {candidates} are not distinct "
-                        "tokens (the label words must begin with different tokens)"
-                    )
-                longest = int(episodes.prompt_lengths.max()) if len(episodes) else 0
-                if longest > block_size and self.too_long == "error":
-                    raise ValueError(
-                        f"ICLConversionCallback: {where}{k} shots: the longest prompt is {longest} tokens, more "
-                        f"than block_size={block_size}; use fewer shots, a larger model.config.block_size, or "
-                        "the callback's too_long: drop (drops each episode's longest demonstrations until it fits)"
-                    )
-                if longest > block_size:
-                    try:
-                        episodes, dropped = episodes.drop_longest(block_size)
-                    except ValueError as err:
-                        raise ValueError(f"ICLConversionCallback: {where}{k} shots: {_first_line(err)}") from err
-                    self.dropped[(task, k)] = dropped
-                    rank_zero_info(
-                        f"icl: {where}{k} shots: dropped {dropped} of {len(episodes) * k} demonstrations "
-                        f"(the longest of their episodes) so that every prompt fits block_size={block_size}"
-                    )
-                self.episodes[(task, k)] = episodes
+                self.episodes[(task, k)] = self._fit(episodes, where, k, block_size, task)
+                if select is not None:
+                    self.select[(task, k)] = self._fit(select, where, k, block_size, task, selection=True)
+
+    def _heldout(self, datamodule, task: str, k: int) -> tuple[Episodes, Episodes | None]:
+        """Task `task`'s (the only one's when "") evaluated episodes of k shots and, with a grid of
+        finetuning rates, the `select_episodes` after them that choose the rate."""
+        def get(n):
+            return datamodule.heldout_episodes(k, n, task=task) if task else datamodule.heldout_episodes(k, n)
+        episodes = get(self.num_episodes)
+        if self.lr_grid is None or k == 0:
+            return episodes, None
+        more = get(len(episodes) + self.select_episodes)
+        return more[: len(episodes)], more[len(episodes):]
+
+    def _fit(self, episodes: Episodes, where: str, k: int, block_size: int, task: str,
+             selection: bool = False) -> Episodes:
+        """The episodes, checked: distinct candidates, prompts within block_size (or, with
+        too_long="drop", their longest demonstrations dropped until they fit)."""
+        candidates = episodes.candidates.tolist()
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(
+                f"ICLConversionCallback: {where}the candidate answers {candidates} are not distinct "
+                "tokens (the label words must begin with different tokens)"
+            )
+        longest = int(episodes.prompt_lengths.max()) if len(episodes) else 0
+        if longest > block_size and self.too_long == "error":
+            raise ValueError(
+                f"ICLConversionCallback: {where}{k} shots: the longest prompt is {longest} tokens, more "
+                f"than block_size={block_size}; use fewer shots, a larger model.config.block_size, or "
+                "the callback's too_long: drop (drops each episode's longest demonstrations until it fits)"
+            )
+        if longest <= block_size:
+            return episodes
+        try:
+            episodes, dropped = episodes.drop_longest(block_size)
+        except ValueError as err:
+            raise ValueError(f"ICLConversionCallback: {where}{k} shots: {_first_line(err)}") from err
+        if not selection:
+            self.dropped[(task, k)] = dropped
+            rank_zero_info(
+                f"icl: {where}{k} shots: dropped {dropped} of {len(episodes) * k} demonstrations "
+                f"(the longest of their episodes) so that every prompt fits block_size={block_size}"
+            )
+        return episodes
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict, dict]:
         """The metrics of every task and shot count on this rank's share, not yet computed, and
@@ -221,23 +273,24 @@ class ICLConversionCallback(ValidationMeasure):
         if not self.episodes:  # evaluate() called outside a Trainer's setup
             self.prepare(trainer.datamodule, pl_module.model.config.block_size)
         seconds, collected = {}, {}
-        for i, (task, k) in enumerate(self.episodes, 1):
+        tasks = list(dict.fromkeys(task for task, _ in self.episodes))
+        for i, task in enumerate(tasks, 1):
             begun = time.perf_counter()
-            collected.setdefault(task, {})[k] = self._run(trainer, pl_module.model, pl_module.device, task, k, seconds)
-            if len(self.episodes) > 1:  # a line per finished group: a pretrained model takes minutes
-                rank_zero_info(f"icl: {i}/{len(self.episodes)} {task + ' ' if task else ''}k={k} "
-                               f"evaluated in {time.perf_counter() - begun:.1f} s")
+            collected[task] = self._run(trainer, pl_module.model, task, seconds)
+            if len(tasks) > 1:  # a line per finished task: a pretrained model takes minutes
+                rank_zero_info(f"icl: {i}/{len(tasks)} {task} evaluated in {time.perf_counter() - begun:.1f} s")
         return collected, seconds
 
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: tuple[dict, dict], start: float) -> None:
         collected, seconds = result
         self.task_results = {t: {k: m.compute() for k, m in per_k.items()} for t, per_k in collected.items()}
         self.results = next(iter(self.task_results.values()))
+        named = {t: f"{t}/" if t and self.name_tasks else "" for t in self.task_results}
         scalars = {
-            f"icl/{task + '/' if task else ''}{name}/k={k}": v
+            f"icl/{named[task]}{name}/k={k}": v
             for task, results in self.task_results.items() for k, row in results.items() for name, v in row.items()
         }
-        scalars.update({f"icl/{t + '/' if t else ''}dropped_demos/k={k}": float(n) for (t, k), n in self.dropped.items()})
+        scalars.update({f"icl/{named[t]}dropped_demos/k={k}": float(n) for (t, k), n in self.dropped.items()})
         scalars.update({f"icl/seconds/{phase}": v for phase, v in seconds.items()})
         scalars["icl/eval_seconds"] = time.perf_counter() - start
         scalars["icl/failed"] = 0.0
@@ -250,45 +303,29 @@ class ICLConversionCallback(ValidationMeasure):
         self._log_to_tensorboard(trainer, pl_module, top)
 
     @torch.no_grad()
-    def _run(self, trainer: pl.Trainer, model: TransformerLM, device, task: str, k: int,
-             seconds: dict[str, float]) -> ICLMetrics:
-        """The metrics of one task and shot count on this rank's share of its episodes, updated
-        but not yet computed (computing syncs across ranks). Phase times add up in `seconds`."""
-        everything = self.episodes[(task, k)]
-        randoms = self._random_updates(len(everything), model.config, trainer)
-        episodes = everything.shard(trainer.global_rank, trainer.world_size).to(device)
-        metrics = ICLMetrics(model.config.n_layer, conversions(model, self.approximate), self.untrained_baseline).to(device)
-        base = self.untrained_model(model).to(device) if self.untrained_baseline else None
-        with evaluating(model):
-            for sl, group in batches(episodes, self.batch_size):
-                runs = EpisodeRuns(model, group, self.finetune_kwargs, self.approximate)
-                start = time.perf_counter()
-                metrics.update(runs, group, [r[sl].to(device) for r in randoms])
-                runs.seconds["metrics"] = time.perf_counter() - start
-                if base is not None:
-                    with evaluating(base):
-                        untrained = EpisodeRuns(base, group, self.finetune_kwargs, convert_context=False)
-                    metrics.untrained.update(untrained, group, [r[sl].to(device) for r in randoms])
-                    runs.seconds["untrained"] = sum(untrained.seconds.values())
-                for phase, v in runs.seconds.items():
-                    seconds[phase] = seconds.get(phase, 0.0) + v
-        return metrics
+    def _run(self, trainer: pl.Trainer, model: TransformerLM, task: str, seconds: dict[str, float]
+             ) -> dict[int, ICLMetrics]:
+        """The metrics of every shot count of one task on this rank's share of its episodes,
+        updated but not yet computed (computing syncs across ranks). Phase times add up in `seconds`."""
+        episodes = {k: e for (t, k), e in self.episodes.items() if t == task}
+        select = {k: e for (t, k), e in self.select.items() if t == task}
+        base = self.untrained_model(model).to(next(model.parameters()).device) if self.untrained_baseline else None
+        return measure(model, episodes, finetune=self.finetune_kwargs, approximate=self.approximate,
+                       batch_size=self.batch_size, untrained=base, seed=self.seed, rank=trainer.global_rank,
+                       world_size=trainer.world_size, select=select if self.lr_grid else None, lr_grid=self.lr_grid,
+                       check_batches=self.check_batches, seconds=seconds)
 
-    def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device, task: str | None = None
+    def evaluate(self, trainer: pl.Trainer, model: TransformerLM, device=None, task: str | None = None
                  ) -> dict[int, dict[str, float]]:
-        """Metrics per shot count of `task` (the only one when None) on this rank's share of
-        the held-out episodes, synced across ranks."""
+        """Metrics per shot count of `task` (the first evaluated one when None) on this rank's
+        share of the held-out episodes, synced across ranks. `device` is unused (the model's)."""
         if not self.episodes:
             self.prepare(trainer.datamodule, model.config.block_size)
-        key = task or next(iter(self.episodes))[0]
-        return {k: self._run(trainer, model, device, t, k, {}).compute() for t, k in self.episodes if t == key}
-
-    def _random_updates(self, n: int, cfg, trainer: pl.Trainer) -> list[Tensor]:
-        """Per layer, n random directions [n, C] from a private generator (the global RNG, and
-        so the training data stream, is left alone), sharded like the episodes."""
-        gen = torch.Generator().manual_seed(self.seed)
-        full = [torch.randn(n, cfg.n_embd, generator=gen) for _ in range(cfg.n_layer)]
-        return [r[trainer.global_rank :: trainer.world_size] for r in full]
+        tasks = list(dict.fromkeys(t for t, _ in self.episodes))
+        if task is not None and task not in tasks and tasks != [""]:
+            raise ValueError(f"ICLConversionCallback.evaluate: task={task!r}; evaluated: {tasks}")
+        key = tasks[0] if task is None or tasks == [""] else task
+        return {k: m.compute() for k, m in self._run(trainer, model, key, {}).items()}
 
     def _log_to_tensorboard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, top: dict) -> None:
         """The accuracy-vs-shots figure, and once the hparams view's hp/ metrics (rank zero)."""
@@ -299,7 +336,7 @@ class ICLConversionCallback(ValidationMeasure):
                 from lit_icl.plots import accuracy_vs_shots
 
                 for task, results in self.task_results.items():
-                    tag = f"icl/{task + '/' if task else ''}accuracy_vs_shots"
+                    tag = f"icl/{task + '/' if task and self.name_tasks else ''}accuracy_vs_shots"
                     logger.experiment.add_figure(tag, accuracy_vs_shots(results), global_step=trainer.global_step)
                 if not self.declared_hparams:
                     metrics = {f"hp/{n}": v for n, v in top.items() if n.endswith("_acc")}
@@ -312,19 +349,22 @@ class ICLConversionCallback(ValidationMeasure):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for task, results in self.task_results.items():
-            rank_zero_info((f"\n[{task}]" if task else "") + format_summary(results))
+            open_vocabulary = next(e for (t, _), e in self.episodes.items() if t == task).open_vocabulary
+            rank_zero_info((f"\n[{task}]" if task else "") + format_summary(results, open_vocabulary))
 
 
-def format_summary(results: dict[int, dict[str, float]]) -> str:
+def format_summary(results: dict[int, dict[str, float]], open_vocabulary: bool = False) -> str:
     """Two fixed-width tables: accuracies per shot count (one column per prediction), then the
-    comparison metrics and the conversion errors."""
+    comparison metrics and the conversion errors; then, in words, how much finetuning changed
+    (and at which chosen rate)."""
     row = next(iter(results.values()))
-    accs = [n for n in row if n.endswith("_acc")]
+    accs = [n for n in row if n.endswith("_acc") and not n.endswith("_untrained")]
     head = f"{'shots':>5}" + "".join(f"  {n.removesuffix('_acc').replace('_', ' '):>13}" for n in accs)
-    lines = ["", "In-context learning on held-out episodes (accuracy over the candidate answers)", head]
+    scoring = "exact match of the answer's tokens" if open_vocabulary else "accuracy over the candidate answers"
+    lines = ["", f"In-context learning on held-out episodes ({scoring})", head]
     for k, r in sorted(results.items()):
         lines.append(f"{k:>5}" + "".join(f"  {100 * r[n]:>12.1f}%" for n in accs))
-    extra = [("rec2ftp", "Rec2FTP"), ("simaou", "SimAOU"), ("simaou_random", "SimAOU(rand)"),
+    extra = [("ft_changed", "FT changed"), ("rec2ftp", "Rec2FTP"), ("simaou", "SimAOU"), ("simaou_random", "SimAOU(rand)"),
              ("simam_icl_ft", "SimAM(ICL,FT)"), ("simam_icl_zsl", "SimAM(ICL,ZSL)"),
              ("max_abs_logit_diff", "max|dlogit|"), ("rel_logit_err", "rel err")]
     extra += [(n, "rel err " + n.removeprefix("rel_logit_err_")) for n in row if n.startswith("rel_logit_err_")]
@@ -332,4 +372,14 @@ def format_summary(results: dict[int, dict[str, float]]) -> str:
     lines += ["", head]
     for k, r in sorted(results.items()):
         lines.append(f"{k:>5}" + "".join(f"  {r[n]:>14.3g}" for n, _ in extra))
+    lines.append("")
+    for k, r in sorted(results.items()):
+        if k == 0:
+            continue
+        rate = f" at the chosen learning rate {r['finetune_lr']:g}" if "finetune_lr" in r else ""
+        if r["ft_changed"] == 0:
+            lines.append(f"{k} shots: finetuning{rate} changed no prediction: the finetuned model answers as the "
+                         "zero-shot one (Rec2FTP is undefined)")
+        else:
+            lines.append(f"{k} shots: finetuning{rate} changed {100 * r['ft_changed']:.1f}% of the predictions")
     return "\n".join(lines)

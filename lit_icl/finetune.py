@@ -133,8 +133,9 @@ class _Run(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: Tensor, mask: Tensor | None, need_attn: bool, logits_at: str):
-        out = self.model.run(ids, attention_mask=mask, need_attn=need_attn, check=False, logits_at=logits_at)
+    def forward(self, ids: Tensor, mask: Tensor | None, need_attn: bool, logits_at: str | int, attn_at: int | None):
+        out = self.model.run(ids, attention_mask=mask, need_attn=need_attn, check=False, logits_at=logits_at,
+                             attn_at=attn_at)
         return out.logits, out.attn_outputs, out.attn_scores
 
 
@@ -145,17 +146,19 @@ def finetuned_logits(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     need_attn: bool = False,
-    logits_at: str = "all",
+    logits_at: str | int = "all",
+    attn_at: int | None = None,
 ):
     """Episode i's finetuned copy (weights[name][i]) run on input_ids[i] [N, T] (with its
-    attention_mask row): logits [N, T, V] ([N, 1, V] with logits_at="last"), and with need_attn also the per-layer attention
-    outputs [N, T, C] and last-position scores [N, H, T] (lists over layers, empty otherwise)."""
+    attention_mask row): logits [N, T, V] ([N, 1, V] with logits_at="last", [N, n, V] with an int
+    n), and with need_attn also the per-layer attention outputs [N, T, C] and the scores of
+    position attn_at (None: the last) [N, H, attn_at + 1] (lists over layers, empty otherwise)."""
     runner = _Run(model)
 
     def one(p: dict[str, Tensor], ids: Tensor, mask: Tensor | None):
         logits, outputs, scores = functional_call(
             runner, {f"model.{n}": w for n, w in p.items()},
-            (ids[None], None if mask is None else mask[None], need_attn, logits_at), strict=False,
+            (ids[None], None if mask is None else mask[None], need_attn, logits_at, attn_at), strict=False,
         )
         return logits[0], [a[0] for a in outputs], [s[0] for s in scores]
 

@@ -1,7 +1,9 @@
-"""torchmetrics Metrics of the ICL comparison (Dai et al. 2023, "Why Can GPT Learn In-Context?",
-ACL Findings, arXiv 2212.10559). Each declares its state with
-`add_state(..., dist_reduce_fx=...)`, so values computed on shards of episodes in several
-processes sync to the value one process would get on all of them."""
+"""Metrics of the ICL comparison (Dai et al. 2023, "Why Can GPT Learn In-Context?", ACL Findings,
+arXiv 2212.10559), in the torchmetrics pattern: functions that compute a batch's values
+(`candidate_correct`, `exact_match`, `greedy`, `answer_loss`) and thin stateful `Metric`s that
+accumulate them. Each Metric declares its state with `add_state(..., dist_reduce_fx=...)`, so
+values computed on shards of episodes in several processes sync to the value one process would
+get on all of them."""
 from __future__ import annotations
 
 import torch
@@ -16,8 +18,34 @@ def predict(last_logits: Tensor, candidates: Tensor) -> Tensor:
     return candidates[last_logits[:, candidates].argmax(dim=-1)]
 
 
-class CandidateAccuracy(Metric):
-    """Fraction of episodes whose candidate argmax is the answer."""
+def candidate_correct(last_logits: Tensor, candidates: Tensor, answers: Tensor) -> Tensor:
+    """[N] bool: the candidate argmax (`predict`) is the answer."""
+    return predict(last_logits, candidates) == answers
+
+
+def greedy(logits: Tensor, mask: Tensor) -> Tensor:
+    """The argmax token at every answer position, teacher-forced: logits [N, A, V], mask [N, A]
+    (bool, real positions) -> [N, A] token ids, -1 at padding."""
+    return logits.argmax(dim=-1).masked_fill(~mask, -1)
+
+
+def exact_match(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """[N] bool: every real answer position's argmax, given the correct tokens before it, is the
+    correct token (logits [N, A, V], targets [N, A], mask [N, A] bool). Equal to "the greedy
+    continuation of the query begins with the answer's A tokens", from one forward pass."""
+    return ((logits.argmax(dim=-1) == targets) | ~mask).all(dim=1)
+
+
+def answer_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """[N] mean cross-entropy of the answer's real tokens, teacher-forced (logits [N, A, V])."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class Rate(Metric):
+    """The share of True among per-episode flags (`update(flags)` with a [N] bool tensor): an
+    accuracy, or how often two predictions differ."""
 
     full_state_update = False
 
@@ -26,12 +54,26 @@ class CandidateAccuracy(Metric):
         self.add_state("correct", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, last_logits: Tensor, candidates: Tensor, answers: Tensor) -> None:
-        self.correct += (predict(last_logits, candidates) == answers).sum()
-        self.total += answers.numel()
+    def update(self, flags: Tensor) -> None:
+        self.correct += flags.sum()
+        self.total += flags.numel()
 
     def compute(self) -> Tensor:
         return self.correct / self.total
+
+
+class CandidateAccuracy(Rate):
+    """Fraction of episodes whose candidate argmax is the answer (`candidate_correct`)."""
+
+    def update(self, last_logits: Tensor, candidates: Tensor, answers: Tensor) -> None:
+        super().update(candidate_correct(last_logits, candidates, answers))
+
+
+class ExactMatch(Rate):
+    """Fraction of episodes whose teacher-forced greedy answer is exactly right (`exact_match`)."""
+
+    def update(self, logits: Tensor, targets: Tensor, mask: Tensor) -> None:
+        super().update(exact_match(logits, targets, mask))
 
 
 class ConversionError(Metric):

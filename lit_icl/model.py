@@ -189,12 +189,15 @@ class TransformerLM(nn.Module):
         need_state: bool = False,
         need_attn: bool = False,
         check: bool = True,
-        logits_at: str = "all",
+        logits_at: str | int = "all",
+        attn_at: int | None = None,
     ) -> LMOutput:
         """Forward pass that can also return the new state (need_state) and per-layer attention
         outputs and scores (need_attn). logits_at: "all" positions [B, T, V], the "last" one
-        [B, 1, V], or "none" (None; the output head is the costliest layer of a small model,
-        and conversion needs no logits)."""
+        [B, 1, V], an int n: the last n positions [B, n, V] (a teacher-forced answer), or "none"
+        (None; the output head is the costliest layer of a small model, and conversion needs no
+        logits). attn_at: the position whose scores need_attn reports, over the keys up to it
+        (None: the last; a query followed by its answer reports the query's last token)."""
         self._check_input(input_ids, attention_mask, logits_at, check)
         B, T = input_ids.shape
         layers, offset, last_token = self._prior(state, B, input_ids.device)
@@ -202,18 +205,20 @@ class TransformerLM(nn.Module):
         positions, new_offset = self._positions(mask, offset, T, exact=check and (layers is not None or mask is not None))
         previous, new_last = shift_tokens(input_ids, mask, last_token)
         x = self.drop(self._embed(input_ids, previous, positions))
-        fwd = Pass(positions, mask, need_state, need_attn)
+        fwd = Pass(positions, mask, need_state, need_attn, attn_at)
         out = LMOutput(None, new_offset, new_last, layers=[] if need_state else None)
         for i, block in enumerate(self.blocks):
             x, mixed = block(x, None if layers is None else layers[i], fwd)
             out.collect(mixed, fwd)
         if logits_at != "none":
-            out.logits = self.lm_head(self.ln_f(x[:, -1:] if logits_at == "last" else x))
+            last = {"all": T, "last": 1}.get(logits_at, logits_at)
+            out.logits = self.lm_head(self.ln_f(x if last == T else x[:, T - last:]))
         return out
 
     def _check_input(self, input_ids: Tensor, attention_mask: Tensor | None, logits_at: str, check: bool) -> None:
-        if logits_at not in LOGITS_AT:
-            raise ValueError(f"logits_at={logits_at!r}; allowed: {', '.join(map(repr, LOGITS_AT))}")
+        if logits_at not in LOGITS_AT and not (isinstance(logits_at, int) and 1 <= logits_at <= input_ids.shape[-1]):
+            raise ValueError(f"logits_at={logits_at!r}; allowed: {', '.join(map(repr, LOGITS_AT))} or a number of "
+                             f"last positions from 1 to the input's {input_ids.shape[-1]}")
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(
                 f"input_ids must be a [B, T] long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"

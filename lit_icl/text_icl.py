@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
 
-from lit_icl.comparison import Conversion, conversions
+from lit_icl.evaluation import Conversion, conversions
 from lit_icl.context import convert
 from lit_icl.errors import first_line
 from lit_icl.mixers import APPROXIMATE_MODES

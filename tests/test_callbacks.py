@@ -10,8 +10,8 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_icl.callbacks import EpisodeRuns, ICLConversionCallback, format_summary
-from lit_icl.comparison import conversions
+from lit_icl.callbacks import ICLConversionCallback, format_summary
+from lit_icl.evaluation import EpisodeRuns, conversions
 from lit_icl.data import AssociativeRecallDataModule
 from lit_icl.finetune import finetune
 from lit_icl.mixers import MIXERS, SoftmaxAttention
@@ -83,14 +83,17 @@ def test_episode_runs_match_direct_calls():
     module, dm = tiny(momentum=0.3)
     model = module.model.double().eval()
     eps = dm.heldout_episodes(3, 5)
-    runs = EpisodeRuns(model, eps, dict(params="kv", lr=0.5, epochs=1))
-    torch.testing.assert_close(runs.logits["prompted"], model(eps.prompts)[:, -1])
-    torch.testing.assert_close(runs.logits["zero_shot"], model(eps.query_ids)[:, -1])
-    torch.testing.assert_close(runs.logits["converted"], runs.logits["prompted"], rtol=1e-10, atol=1e-10)
+    runs = EpisodeRuns(model, eps, dict(params="kv", lr=0.5, epochs=1), check=True)
+    whole = model(eps.prompts)[:, -1]  # the prompt in one pass, by hand
+    # the prompted prediction continues the demonstrations' state: the one pass, to float64 rounding
+    torch.testing.assert_close(runs.logits["prompted"][:, 0], whole, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(runs.one_pass[:, 0], whole)
+    torch.testing.assert_close(runs.logits["zero_shot"][:, 0], model(eps.query_ids)[:, -1])
+    assert runs.logits["converted"] is runs.logits["prompted"]  # the exact state is the prompted pass's
     demos, _ = eps.demonstrations()
     for i in range(5):  # the batched finetuning equals the one-episode reference
         tuned = finetune(model, demos[i], lr=0.5)
-        torch.testing.assert_close(runs.logits["finetuned"][i], tuned(eps.query_ids[i : i + 1])[0, -1])
+        torch.testing.assert_close(runs.logits["finetuned"][i, 0], tuned(eps.query_ids[i : i + 1])[0, -1])
     assert len(runs.outputs["finetuned"]) == 2 and runs.outputs["finetuned"][0].shape == (5, 16)
     assert runs.scores["prompted"][1].shape == runs.scores["finetuned"][1].shape == (5, 2, 1)
 
@@ -166,8 +169,8 @@ def test_episode_runs_with_padded_demonstrations_and_queries():
     qmask = torch.tensor([[1, 1], [0, 1]])
     eps = Episodes(demo, query, torch.tensor([9, 10]), torch.tensor([9, 10, 11]), index, qmask)
     kw = dict(params="kv", lr=0.5, epochs=1)
-    runs = EpisodeRuns(model, eps, kw)
-    torch.testing.assert_close(runs.logits["converted"], runs.logits["prompted"], rtol=1e-10, atol=1e-10)
+    runs = EpisodeRuns(model, eps, kw, check=True)
+    torch.testing.assert_close(runs.one_pass, runs.logits["prompted"], rtol=1e-10, atol=1e-10)
     for i in range(2):
         d = demo[i][index[i] >= 0][None]
         q = query[i][qmask[i] > 0][None]

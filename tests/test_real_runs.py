@@ -10,7 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_icl import callbacks as callbacks_module
+from lit_icl import evaluation as evaluation_module
 from lit_icl.callbacks import ICLConversionCallback
 from lit_icl.cli import main
 from lit_icl.data.episodes import Episodes
@@ -62,7 +62,7 @@ def test_drop_longest_keeps_order_and_fits():
     assert dropped == 1 and fitted.prompt_lengths.tolist() == [5, 2]
     assert fitted.demo_ids[0, -3:].tolist() == [1, 2, 7] and fitted.demonstrations()[0].shape == (2, 2, 2)
     assert episodes.drop_longest(9) == (episodes, 0)
-    with pytest.raises(ValueError, match="a query of 2 tokens alone is longer than 1 tokens"):
+    with pytest.raises(ValueError, match=r"a query of 2 tokens \(and its answer\) alone is longer than 1 tokens"):
         episodes.drop_longest(1)
 
 
@@ -75,9 +75,10 @@ def test_too_long_drop_evaluates_within_block_size(tmp_path, caplog):
     callback = ICLConversionCallback(shots=[0, 8], num_episodes=8, batch_size=8, too_long="drop")
     with caplog.at_level(logging.INFO):
         callback.prepare(dm, block_size=128)
-    assert callback.dropped[("", 8)] > 0
-    assert int(callback.episodes[("", 8)].prompt_lengths.max()) <= 128
-    assert f"dropped {callback.dropped[('', 8)]} of 64 demonstrations" in caplog.text
+    (task,) = dm.heldout_tasks()  # one task: keyed by its name, logged without it
+    assert callback.dropped[(task, 8)] > 0 and not callback.name_tasks
+    assert int(callback.episodes[(task, 8)].prompt_lengths.max()) <= 128
+    assert f"dropped {callback.dropped[(task, 8)]} of 64 demonstrations" in caplog.text
 
 
 class DuplicateCandidates(pl.LightningDataModule):
@@ -99,7 +100,7 @@ def test_duplicate_candidates_and_missing_shots_are_refused(tiny_data):
 def test_failing_evaluation_costs_no_training(tmp_path, tiny_data, tiny_config, monkeypatch, caplog):
     """The second of three evaluations raises: training goes on, every checkpoint is written,
     icl/failed is 1 for that validation and 0 for the others, and the user reads one line."""
-    real = callbacks_module.EpisodeRuns
+    real = evaluation_module.EpisodeRuns
     calls = []
 
     def flaky(model, episodes, *args, **kwargs):
@@ -108,7 +109,7 @@ def test_failing_evaluation_costs_no_training(tmp_path, tiny_data, tiny_config, 
             raise RuntimeError("injected failure")
         return real(model, episodes, *args, **kwargs)
 
-    monkeypatch.setattr(callbacks_module, "EpisodeRuns", flaky)
+    monkeypatch.setattr(evaluation_module, "EpisodeRuns", flaky)
     failed = []
 
     class Watch(pl.Callback):
@@ -135,7 +136,7 @@ def test_failing_evaluation_is_raised_by_validate(tiny_data, tiny_config, make_t
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(callbacks_module, "EpisodeRuns", broken)
+    monkeypatch.setattr(evaluation_module, "EpisodeRuns", broken)
     trainer = make_trainer(callbacks=[ICLConversionCallback(shots=[1])], limit_val_batches=1)
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer.validate(LitTransformerLM(tiny_config), datamodule=tiny_data)

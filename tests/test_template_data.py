@@ -47,7 +47,7 @@ def test_episodes_are_the_template_episodes(files):
     assert dm.vocab_size == files["tokenizer"].get_vocab_size() and dm.heldout_tasks() == ["toy", "flipped"]
     ep = dm.heldout_episodes(2, task="flipped")
     direct = TemplateEpisodes(TemplateTask(**tasks(files)[1])).episodes(files["tokenizer"], 2, 6, pad_id=dm.pad_id)
-    assert all(torch.equal(a, b) for a, b in zip(vars(ep).values(), vars(direct).values()))
+    assert ep.equals(direct)
     assert dm.heldout_episodes(2, task="flipped") is ep, "built once"
     assert len(dm.heldout_episodes(1, num_episodes=9)) == 9 and dm.pad_id == files["tokenizer"].token_to_id(EOS)
 

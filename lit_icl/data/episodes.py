@@ -17,15 +17,22 @@ class Episodes:
     Attributes:
         demo_ids: ``[N, M]`` long, the demonstrations (``M`` may be 0: zero-shot).
         query_ids: ``[N, Q]`` long, ``Q >= 1``; the prediction is read at the query's last token.
-        answers: ``[N]`` long, the correct token id of each episode (one of ``candidates``).
+        answers: ``[N]`` long, the correct token id of each episode (one of ``candidates``; with
+            ``answer_ids``, the answer's first token).
         candidates: ``[K]`` long, the task's candidate answer tokens; a prediction is the argmax
-            of the logits at the query's last position restricted to these ids.
+            of the logits at the query's last position restricted to these ids. Empty (``K = 0``)
+            for an open-vocabulary task (``answer_ids``).
         shot_index: optional ``[N, M]`` long, which demonstration (``0..k-1``) each token of
             ``demo_ids`` belongs to, ``-1`` at padding (rows of different lengths). ``None``:
             each row of ``demo_ids`` is one demonstration, without padding. The finetuning
             baseline trains on one demonstration per step, so it needs the split.
         query_mask: optional ``[N, Q]`` (1 = token) for queries of different lengths, padded on
             the LEFT so that every query ends at position ``Q - 1``. ``None``: no padding.
+        answer_ids: optional ``[N, A]`` long, an open-vocabulary answer of one or more tokens
+            (a function task's word), padded on the RIGHT. The prediction is then the greedy
+            continuation of the query, scored by exact match of all its tokens; it is read
+            teacher-forced (see :attr:`query_inputs`). ``None``: a label task (``candidates``).
+        answer_mask: optional ``[N, A]`` (1 = token) when the answers differ in length.
     """
 
     demo_ids: torch.Tensor
@@ -34,6 +41,8 @@ class Episodes:
     candidates: torch.Tensor
     shot_index: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
+    answer_ids: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for name, want_dim in (("demo_ids", 2), ("query_ids", 2), ("answers", 1), ("candidates", 1)):
@@ -54,9 +63,11 @@ class Episodes:
             )
         if self.query_ids.shape[1] < 1:
             raise ValueError(f"Episodes.query_ids must have Q >= 1 tokens, got {tuple(self.query_ids.shape)}")
-        if self.candidates.numel() < 1:
+        if self.answer_ids is not None:
+            self._check_answer_ids(n)
+        elif self.candidates.numel() < 1:
             raise ValueError("Episodes.candidates must hold at least one token id, got shape (0,)")
-        if n and not torch.isin(self.answers, self.candidates).all():
+        elif n and not torch.isin(self.answers, self.candidates).all():
             raise ValueError("Episodes.answers must all be among Episodes.candidates")
         if self.query_mask is not None and (
             self.query_mask.shape != self.query_ids.shape or not bool(self.query_mask[:, -1].all())
@@ -71,6 +82,16 @@ class Episodes:
                 f"{tuple(self.demo_ids.shape)}"
             )
 
+    def _check_answer_ids(self, n: int) -> None:
+        ids, mask = self.answer_ids, self.answer_mask
+        if ids.dim() != 2 or ids.dtype != torch.long or ids.shape[0] != n or ids.shape[1] < 1:
+            raise ValueError(f"Episodes.answer_ids must be a [N={n}, A>=1] long tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if mask is not None and (mask.shape != ids.shape or not bool(mask[:, 0].all())):
+            raise ValueError(f"Episodes.answer_mask must match answer_ids {tuple(ids.shape)} with every answer's first "
+                             f"token real (right padding), got {tuple(mask.shape)}")
+        if n and not torch.equal(self.answers, ids[:, 0]):
+            raise ValueError("Episodes.answers must be the first tokens of Episodes.answer_ids")
+
     @classmethod
     def from_lists(
         cls,
@@ -79,6 +100,7 @@ class Episodes:
         answers: Sequence[int],
         candidates: Sequence[int],
         pad_id: int = 0,
+        answer_tokens: Sequence[Sequence[int]] | None = None,
     ) -> "Episodes":
         """Episodes from token lists of different lengths (e.g. text templates).
 
@@ -87,6 +109,9 @@ class Episodes:
         rows left-padded with ``pad_id`` to the longest (``shot_index`` numbers the
         demonstrations, ``-1`` at padding); queries are left-padded too (``query_mask``), so every
         query ends at the last column. ``query_mask`` is ``None`` when no query is padded.
+        With ``answer_tokens`` (one list per episode, each non-empty), the task is open-vocabulary:
+        ``answers`` is ignored (the first tokens are the answers), ``candidates`` may be empty, and
+        the answers are right-padded with ``pad_id`` (``answer_mask``).
         """
         if not len(demos) == len(queries) == len(answers):
             raise ValueError(
@@ -101,6 +126,16 @@ class Episodes:
         shot_index = torch.tensor([[-1] * (M - len(i)) + i for i in index], dtype=torch.long).view(len(rows), M)
         query_ids = torch.tensor([[pad_id] * (Q - len(q)) + list(q) for q in queries], dtype=torch.long)
         query_mask = torch.tensor([[0] * (Q - len(q)) + [1] * len(q) for q in queries], dtype=torch.long)
+        answer_ids = answer_mask = None
+        if answer_tokens is not None:
+            if len(answer_tokens) != len(queries) or not all(len(a) for a in answer_tokens):
+                raise ValueError(f"Episodes.from_lists needs one non-empty answer per episode, got "
+                                 f"{[len(a) for a in answer_tokens][:10]} for {len(queries)} queries")
+            A = max(map(len, answer_tokens))
+            answer_ids = torch.tensor([list(a) + [pad_id] * (A - len(a)) for a in answer_tokens], dtype=torch.long)
+            answer_mask = torch.tensor([[1] * len(a) + [0] * (A - len(a)) for a in answer_tokens], dtype=torch.long)
+            answers = answer_ids[:, 0].tolist()
+            answer_mask = None if bool(answer_mask.all()) else answer_mask
         return cls(
             demo_ids=demo_ids,
             query_ids=query_ids.view(len(queries), Q),
@@ -108,6 +143,8 @@ class Episodes:
             candidates=torch.tensor(list(candidates), dtype=torch.long),
             shot_index=shot_index,
             query_mask=None if bool(query_mask.all()) else query_mask.view(len(queries), Q),
+            answer_ids=answer_ids,
+            answer_mask=answer_mask,
         )
 
     def __len__(self) -> int:
@@ -133,14 +170,52 @@ class Episodes:
         """The episodes of ``rows`` (a slice); ``candidates`` is shared."""
         if not isinstance(rows, slice):
             raise TypeError(f"Episodes are indexed by a slice, got {type(rows).__name__}")
-        index = None if self.shot_index is None else self.shot_index[rows]
-        qmask = None if self.query_mask is None else self.query_mask[rows]
-        return Episodes(self.demo_ids[rows], self.query_ids[rows], self.answers[rows], self.candidates, index, qmask)
+        index, qmask, aids, amask = (None if t is None else t[rows] for t in self._optional())
+        return Episodes(self.demo_ids[rows], self.query_ids[rows], self.answers[rows], self.candidates, index, qmask,
+                        aids, amask)
+
+    def _optional(self) -> tuple:
+        return self.shot_index, self.query_mask, self.answer_ids, self.answer_mask
 
     def to(self, device: torch.device | str) -> "Episodes":
         """A copy with every tensor on ``device``."""
-        move = [None if t is None else t.to(device) for t in (self.shot_index, self.query_mask)]
+        move = [None if t is None else t.to(device) for t in self._optional()]
         return Episodes(*(t.to(device) for t in (self.demo_ids, self.query_ids, self.answers, self.candidates)), *move)
+
+    def equals(self, other: "Episodes") -> bool:
+        """Whether ``other`` holds the same tensors (the same absent ones included)."""
+        pairs = zip(vars(self).values(), vars(other).values())
+        return all(a is b is None or (a is not None and b is not None and torch.equal(a, b)) for a, b in pairs)
+
+    @property
+    def open_vocabulary(self) -> bool:
+        """Whether the answers are words of one or more tokens scored by exact match (``answer_ids``)
+        rather than a choice among ``candidates``."""
+        return self.answer_ids is not None
+
+    @property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a prediction must produce ``[N, A]`` and which are real ``[N, A]`` (bool):
+        the answer's tokens, or for a label task the one answer token (``A = 1``)."""
+        if self.answer_ids is None:
+            return self.answers[:, None], torch.ones_like(self.answers[:, None], dtype=torch.bool)
+        mask = torch.ones_like(self.answer_ids) if self.answer_mask is None else self.answer_mask
+        return self.answer_ids, mask.bool()
+
+    @property
+    def query_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input that scores the answer teacher-forced: the query, then every answer token but
+        the last ``[N, Q + A - 1]``, with its mask (``None`` when nothing is padded). Its last ``A``
+        positions predict the ``A`` answer tokens (:attr:`targets`); the query's last token is at
+        ``Q - 1``. A label task's is the query itself."""
+        if self.answer_ids is None or self.answer_ids.shape[1] == 1:
+            return self.query_ids, self.query_mask
+        ids = torch.cat([self.query_ids, self.answer_ids[:, :-1]], dim=1)
+        if self.query_mask is None and self.answer_mask is None:
+            return ids, None
+        query = torch.ones_like(self.query_ids) if self.query_mask is None else self.query_mask.long()
+        answer = torch.ones_like(self.answer_ids) if self.answer_mask is None else self.answer_mask.long()
+        return ids, torch.cat([query, answer[:, :-1]], dim=1)
 
     @property
     def demo_mask(self) -> torch.Tensor | None:
@@ -161,9 +236,11 @@ class Episodes:
 
     @property
     def prompt_lengths(self) -> torch.Tensor:
-        """``[N]`` real tokens of each prompt (demonstrations and query, padding excluded)."""
+        """``[N]`` real tokens of each prompt (demonstrations and query, padding excluded) and, for
+        an open-vocabulary answer, of all its tokens but the last (the teacher-forced input)."""
         mask = self.prompt_mask
-        return torch.full((len(self),), self.prompts.shape[1]) if mask is None else mask.sum(1).cpu()
+        lengths = torch.full((len(self),), self.prompts.shape[1]) if mask is None else mask.sum(1).cpu()
+        return lengths + self.targets[1].sum(1).cpu() - 1
 
     def drop_longest(self, max_tokens: int) -> tuple["Episodes", int]:
         """Episodes whose prompts fit ``max_tokens``: from each episode that is too long, its
@@ -182,16 +259,18 @@ class Episodes:
             row, index = self.demo_ids[i], self.shot_index[i]
             shots = [row[index == s].tolist() for s in range(int(index.max()) + 1 if index.numel() else 0)]
             query = self.query_ids[i][qmask[i].bool()].tolist()
-            budget = max_tokens - len(query)
+            budget = max_tokens - len(query) - int(self.targets[1][i].sum()) + 1
             if budget < 0:
-                raise ValueError(f"a query of {len(query)} tokens alone is longer than {max_tokens} tokens")
+                raise ValueError(f"a query of {len(query)} tokens (and its answer) alone is longer than {max_tokens} tokens")
             keep = list(range(len(shots)))
             while sum(len(shots[s]) for s in keep) > budget:
                 keep.remove(max(keep, key=lambda s: len(shots[s])))
                 dropped += 1
             demos.append([shots[s] for s in keep])
             queries.append(query)
-        fitted = Episodes.from_lists(demos, queries, self.answers.tolist(), self.candidates.tolist(), pad_id=pad)
+        answers = None if self.answer_ids is None else [a[m].tolist() for a, m in zip(*self.targets)]
+        fitted = Episodes.from_lists(demos, queries, self.answers.tolist(), self.candidates.tolist(), pad_id=pad,
+                                     answer_tokens=answers)
         return fitted.to(self.demo_ids.device), dropped
 
     def demonstrations(self) -> tuple[torch.Tensor, torch.Tensor | None]:

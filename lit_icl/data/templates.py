@@ -1,4 +1,5 @@
-"""Template-based classification episodes (the momentum-attention paper's evaluation style).
+"""Template-based episodes: classification tasks (the momentum-attention paper's evaluation style)
+and open-vocabulary function tasks ("france -> Paris"; Hendel et al. 2023, Todd et al. 2024).
 
 A :class:`TemplateTask` names a classification dataset with a text and a label field, a
 verbalizer (label -> word) and a template such as ``"Review: {text}\\nSentiment: {label}\\n"``.
@@ -11,6 +12,9 @@ that the ICL callback evaluates like the synthetic tasks':
   byte-level BPE attaches a space to the word after it;
 - the candidates are the first tokens of the verbalizer words (with that whitespace), which must
   be distinct, and the answer is the query's;
+- a task without a verbalizer is open-vocabulary: the label field holds the answer itself (a
+  word of one or more tokens, e.g. a function task of the ``functions`` source), the episode
+  carries the answer's tokens (with that whitespace) and is scored by exact match;
 - queries: a seeded permutation of the validation split (cycled when more episodes are asked
   for); demonstrations: ``k`` train examples drawn per episode with its own seed, either
   uniformly without replacement or ``balanced`` (classes as equal as possible: a round-robin over
@@ -58,11 +62,13 @@ class TemplateTask:
         text_field: the column holding the input text.
         label_field: the column holding the label (int or str).
         verbalizer: label -> word; the keys are compared with ``str(label)``, so ``{0: negative}``
-            and ``{"0": negative}`` are the same. Examples with other labels are an error.
+            and ``{"0": negative}`` are the same. Examples with other labels are an error. Empty:
+            an open-vocabulary task, whose label field is the answer word itself.
         template: the text of one example, with ``{text}`` before a single ``{label}``.
         train_split: the split the demonstrations are drawn from.
         eval_split: the split the queries are drawn from.
-        balanced: draw the demonstrations of an episode with as equal class counts as possible.
+        balanced: draw the demonstrations of an episode with as equal class counts as possible
+            (a label task; an open-vocabulary task draws uniformly).
         seed: seed of the query order and the demonstration draws.
     """
 
@@ -86,11 +92,16 @@ class TemplateTask:
                 f"TemplateTask {self.name!r}: template={self.template!r} needs {{text}} before a single {{label}}"
             )
         words = list(self.verbalizer.values())
-        if len(words) < 2 or not all(w.strip() for w in words) or len(set(words)) != len(words):
+        if words and len(words) < 2 or not all(w.strip() for w in words) or len(set(words)) != len(words):
             raise ValueError(
                 f"TemplateTask {self.name!r}: verbalizer={self.verbalizer} must map at least two labels to "
-                "distinct, non-empty words"
+                "distinct, non-empty words (or be empty: an open-vocabulary task)"
             )
+
+    @property
+    def open_vocabulary(self) -> bool:
+        """No verbalizer: the label field holds the answer word itself."""
+        return not self.verbalizer
 
     @property
     def parts(self) -> tuple[str, str, str]:
@@ -115,7 +126,7 @@ class TemplateEpisodes:
         self.train_texts, self.train_labels = self._examples(splits, task.train_split)
         self.eval_texts, self.eval_labels = self._examples(splits, task.eval_split)
         self.by_class: dict[str, list[int]] = {label: [] for label in task.verbalizer}
-        for row, label in enumerate(self.train_labels):
+        for row, label in enumerate(self.train_labels if not task.open_vocabulary else []):
             self.by_class[label].append(row)
 
     def _examples(self, splits, split: str) -> tuple[list[str], list[str]]:
@@ -130,7 +141,9 @@ class TemplateEpisodes:
                 f"{data.column_names}"
             )
         labels = [str(label) for label in data[task.label_field]]
-        unknown = sorted(set(labels) - set(task.verbalizer))
+        unknown = [] if task.open_vocabulary else sorted(set(labels) - set(task.verbalizer))
+        if task.open_vocabulary and any(not label.strip() for label in labels):
+            raise ValueError(f"TemplateTask {task.name!r}: split {split!r} has empty answers in {task.label_field!r}")
         if unknown or not labels:
             raise ValueError(
                 f"TemplateTask {task.name!r}: split {split!r} has {len(labels)} examples and labels {unknown[:10]} "
@@ -143,7 +156,7 @@ class TemplateEpisodes:
         label, up to the label without the whitespace before it (a query)."""
         prefix, space, suffix = self.task.parts
         query = prefix.replace("{text}", text)
-        return query if label is None else query + space + self.task.verbalizer[label] + suffix
+        return query if label is None else query + space + self.task.verbalizer.get(label, label) + suffix
 
     def candidates(self, tokenizer: Tokenizer) -> dict[str, int]:
         """label -> the first token of its word as it follows the query (the candidates)."""
@@ -161,7 +174,7 @@ class TemplateEpisodes:
         """The train rows of episode ``episode``'s ``n_shots`` demonstrations, in shown order."""
         gen = stream_generator(self.task.seed, DEMOS, episode)
         n = len(self.train_labels)
-        if not self.task.balanced:
+        if not self.task.balanced or self.task.open_vocabulary:
             if n_shots > n:
                 raise ValueError(f"TemplateTask {self.task.name!r}: {n_shots} shots but {n} train examples")
             return torch.randperm(n, generator=gen)[:n_shots].tolist()
@@ -181,7 +194,7 @@ class TemplateEpisodes:
         """``num_episodes`` episodes of ``n_shots`` demonstrations, tokenized by ``tokenizer``."""
         if n_shots < 0 or num_episodes < 1:
             raise ValueError(f"heldout_episodes: need n_shots >= 0 and num_episodes >= 1, got {n_shots}, {num_episodes}")
-        first = self.candidates(tokenizer)
+        first = {} if self.task.open_vocabulary else self.candidates(tokenizer)
         order = torch.randperm(len(self.eval_labels), generator=stream_generator(self.task.seed, QUERIES)).tolist()
         queries = [order[i % len(order)] for i in range(num_episodes)]
         rows = [self.demonstration_rows(n_shots, i) for i in range(num_episodes)]
@@ -193,12 +206,18 @@ class TemplateEpisodes:
         demo_ids = iter([e.ids for e in tokenizer.encode_batch(demo_texts, add_special_tokens=False)])
         query_texts = [self.format(self.eval_texts[q]) for q in queries]
         demos = [[next(demo_ids) for _ in shots] for shots in rows]
+        answer_tokens = None
+        if self.task.open_vocabulary:  # the answer word as it follows the query: " Paris"
+            space = self.task.parts[1]
+            answer_tokens = [e.ids for e in tokenizer.encode_batch([space + self.eval_labels[q] for q in queries],
+                                                                    add_special_tokens=False)]
         return Episodes.from_lists(
             demos=[[bos + shots[0], *shots[1:]] if shots else [] for shots in demos],
             queries=[e.ids for e in tokenizer.encode_batch(query_texts, add_special_tokens=False)],
-            answers=[first[self.eval_labels[q]] for q in queries],
+            answers=[first[self.eval_labels[q]] for q in queries] if first else [0] * len(queries),
             candidates=list(first.values()),
             pad_id=pad_id,
+            answer_tokens=answer_tokens,
         )
 
 

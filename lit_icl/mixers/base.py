@@ -129,6 +129,7 @@ class Pass:
     mask: Optional[Tensor] = None
     need_state: bool = False
     need_attn: bool = False
+    attn_at: Optional[int] = None  # the position whose scores need_attn reports (None: the last)
 
 
 @dataclass
@@ -214,7 +215,10 @@ class Mixer(nn.Module):
             term, c = momentum_chunked(v, cfg.momentum, prior, run.mask, cfg.chunk_size)
             o, momentum = o + repeat_kv(term, cfg.n_head), MomentumState(c)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
-        scores = self.scores(x, q, k, run.mask) if run.need_attn else None
+        scores = None
+        if run.need_attn:  # scores of position attn_at: causal, so the input up to it is all they need
+            n = T if run.attn_at is None else run.attn_at + 1
+            scores = self.scores(x[:, :n], q[:, :, :n], k[:, :, :n], None if run.mask is None else run.mask[:, :n])
         return MixerOutput(y, LayerState(new, momentum) if run.need_state else None, scores)
 
     # -- the states of this mixer, by the model's conversion mode (TransformerLM.check_mode) --
