@@ -122,25 +122,60 @@ def test_quick_momentum(quick_dir):
     assert "runs are not reused" in other.stderr and other.stderr.count("Seed set") == 8
 
 
-def test_quick_icl_vs_ft(quick_dir):
+def test_quick_icl_vs_ft(quick_dir, tmp_path):
     reproduce("icl-vs-ft", "--quick", "--out", str(quick_dir))
     data = json.loads((quick_dir / "icl-vs-ft.json").read_text())
-    cfg, runs = data["config"], data["runs"]
-    assert {f"lr-{t}-{lr:g}" for t in cfg["tasks"] for lr in cfg["lr_grid"]} <= set(runs)
+    cfg, runs, summary = data["config"], data["runs"], data["summary"]
+    assert cfg["tasks"] == ["uppercase", "first_letter", "mr", "bbc"] and set(runs) == set(cfg["tasks"])
     for task in cfg["tasks"]:
+        result = runs[task]["result"]
+        assert set(result["shots"]) == {str(k) for k in cfg["shots"]}, "every shot count in one run per task"
+        assert result["open_vocabulary"] == (task not in ("mr", "bbc"))
+        assert {"zero_shot", "prompted", "finetune", "select_lr", "untrained"} <= set(result["seconds"])
+        zero = result["shots"]["0"]["zero_shot_acc"]
         for k in cfg["shots"]:
-            row = runs[f"{task}-k{k}"]["result"]
-            assert runs[f"{task}-k{k}"]["lr"] in cfg["lr_grid"]
+            row = result["shots"][str(k)]
+            assert row["zero_shot_acc"] == zero, "zero-shot is computed once and shared"
+            assert 0 <= row["ft_changed"] <= 1 and 0 <= row["finetuned_acc"] <= 1
             for name in SIMILARITY:
                 assert name in row and f"{name}_untrained" in row
             if k:
-                assert row["rel_logit_err"] < 1e-10, "the KV prefix is exact (float64)"
-                # ICLAA's random features lose information by a margin (measured 4e-3 with 32 features);
+                assert row["finetune_lr"] in cfg["lr_grid"]
+                assert {f"finetune_select_loss/lr={lr:g}" for lr in cfg["lr_grid"]} <= set(row)
+                assert row["rel_logit_err"] < 1e-10 and row["max_abs_logit_diff"] < 1e-10, "the KV prefix is exact"
+                assert row["converted_kv_acc"] == row["prompted_acc"]
+                # ICLAA's random features lose information by a margin (measured 4e-3 with 16 features);
                 # the Taylor map is exact to about 1e-7 at the tiny scores of a random model: logged only
                 assert row["rel_logit_err_prf"] > 1e-4 and "rel_logit_err_taylor" in row
                 assert row["simaou_untrained"] != row["simaou"]
+        assert summary["lr"][task] == {str(k): result["shots"][str(k)]["finetune_lr"] for k in cfg["shots"] if k}
+    assert runs["uppercase"]["result"]["answer_tokens"] > 1, "a multi-token answer, scored by exact match"
+    assert summary["conversion_error"]["rel_logit_err"] < 1e-10
+    assert set(summary["seconds"]["per_task"]) == set(cfg["tasks"]) and summary["seconds"]["per_phase"]["select_lr"] > 0
     text = (quick_dir / "icl-vs-ft.md").read_text()
-    assert "| paper (GPT 1.3B / 2.7B) |" in text and "chosen" in text
+    assert "| task | zero-shot | ICL 1 | ICL 2 | converted 2 | finetuned 2 | FT changed 2 | lr 1/2 |" in text
+    assert "| uppercase | " in text and "| Dai et al. (2023), GPT 1.3B / 2.7B, 32 shots | 85.6 / 89.4 |" in text
+    assert "**Reading.**" in text and "Cost: " in text and "--quick" in text
+    assert "has the prompted accuracy on every row" in text
+    changed = max(r["ft_changed"] for run in runs.values() for r in run["result"]["shots"].values())
+    assert ("changed no prediction" in text) == (changed == 0)
+    result_part = text[text.index("## Result"):text.index("## What differs")]
+    assert "—" not in result_part, "finetuning that changes nothing is said in words"
+    assert (quick_dir / "icl-vs-ft.png").stat().st_size > 0
+    readme = tmp_path / "README.md"  # a copy of the README: its section, the rest kept
+    original = (ROOT / "README.md").read_text()
+    readme.write_text(original)
+    reproduce("readme", "--out", str(quick_dir), "--readme", str(readme))
+    written = readme.read_text()
+    section = written[written.index("### In-context learning vs finetuning"):]
+    section = section[:section.index("\n### ")] if "\n### " in section else section
+    assert "| uppercase | " in section and "**Reading.**" in section and "SimAM(ICL,FT) | untrained" in section
+    assert "--quick" in section and "—" not in section, "finetuning that changes nothing is said in words"
+    before = original.split("<!-- reproduce:begin")[0] if "<!-- reproduce:begin" in original else original
+    assert written.startswith(before)
+    again = reproduce("icl-vs-ft", "--quick", "--out", str(quick_dir), "--tasks", "mr", "uppercase")
+    assert again.stderr.count("done earlier") == 2, "finished tasks are kept"
+    assert list(json.loads((quick_dir / "icl-vs-ft.json").read_text())["summary"]["tasks"]) == ["mr", "uppercase"]
 
 
 def test_quick_icl_emergence(quick_dir):
@@ -190,7 +225,11 @@ def test_quick_iclaa_and_the_readme_section(quick_dir, tmp_path):
 def test_bad_arguments(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "icl-vs-ft", "--quick", "--out",
                           str(tmp_path), "--tasks", "sst2"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "--tasks ['sst2']: unknown; allowed: ['bbc', 'mr']" in bad.stderr
+    assert bad.returncode == 2 and "--tasks ['sst2']: unknown with --quick (toy data); allowed: ['uppercase'," in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "icl-vs-ft", "--out", str(tmp_path),
+                          "--tasks", "uppercase", "country_capitals"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--tasks ['country_capitals']: unknown; allowed: ['uppercase'," in bad.stderr
+    assert "'country_capital'" in bad.stderr and "'mr', 'bbc']" in bad.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "momentum", "--out", str(tmp_path),
                           "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--steps=0 must be >= 1" in bad.stderr
