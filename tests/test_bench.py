@@ -26,7 +26,8 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert "old table" not in text and "| 64 | 8 | deltanet |" in text and text.endswith("<!-- bench:end -->\n\nafter\n")
 
     result = json.loads(out.read_text())
-    assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "recurrent", "targets"}
+    assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "recurrent", "evaluation",
+                           "targets"}
     assert result["meta"]["quick"] is True and result["meta"]["threads"] == 1
     for row in result["kernels"]["by_T"].values():
         assert {"chunked", "chunked (autograd, C=64)", "sdpa (softmax)"} <= set(row)
@@ -65,3 +66,32 @@ def test_sections_runs_only_the_named_ones(tmp_path):
     assert set(result) == {"meta", "recurrent", "targets"}
     assert all(t["target"].startswith(("retention", "simple_gla", "gla", "delta_rule")) for t in result["targets"])
     assert "**6. Recurrent family" in proc.stdout and "**1. Attention" not in proc.stdout
+
+
+def test_evaluation_cost_section_reports_phases_before_and_after(tmp_path):
+    """Section 7 at QUICK size (tiny softmax model, toy label and open-vocabulary episodes): every
+    phase of measure() per episode, before and after, and the speedup; no assertion on speed."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--threads", "1", "--sections", "evaluation",
+         "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"meta", "evaluation", "targets"} and result["targets"] == []
+    phases = {"zero_shot", "prompted", "check", "convert", "finetune", "finetuned", "metrics", "total"}
+    tasks = result["evaluation"]["tasks"]
+    assert set(tasks) == {"label", "open"}
+    for name, t in tasks.items():
+        assert set(t["per_episode_s"]) == {"before", "after"}
+        for contender, row in t["per_episode_s"].items():
+            assert set(row) == phases, (name, contender, row)
+            assert all(v >= 0 for v in row.values()) and row["total"] > 0
+            assert len(t["rounds_s"][contender]) == 2  # QUICK's rounds
+        assert t["speedup"] > 0
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("**7. ICL-vs-finetuning evaluation cost**") for line in lines)
+    header = next(line for line in lines if line.startswith("| task | |"))
+    assert all(f" {p} |" in header for p in phases | {"speedup"})
+    for name in tasks:
+        assert sum(line.startswith((f"| {name} | before |", f"| {name} | after |")) for line in lines) == 2

@@ -17,6 +17,8 @@ Sections (float32 on the CPU):
  5. inference per query on the converted context (`model(query, state=...)`) vs with the prompt.
  6. the recurrent family's ops (retention, simple GLA, GLA, DeltaNet): chunked vs recurrent vs
     fla's pure-PyTorch chunked reference, and linear in T (bench/recurrent.py).
+ 7. the ICL-vs-finetuning comparison (`lit_icl.evaluation.measure`) on SmolLM2-135M, seconds per
+    episode of each phase, before and after it was made cheaper (bench/evaluation_cost.py).
 QUICK shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
 Timing helpers: bench/timing.py.
 """
@@ -40,6 +42,7 @@ from lit_icl.ops import (
 )
 from lit_icl.ops.fla import fla_naive
 
+from lit_icl.experiments.bench.evaluation_cost import EVALUATION_FULL, EVALUATION_QUICK, bench_evaluation, evaluation_table
 from lit_icl.experiments.bench.recurrent import (
     RECURRENT_FULL,
     RECURRENT_QUICK,
@@ -51,10 +54,10 @@ from lit_icl.experiments.bench.timing import alternate, fmt_s, fwd_bwd, knobs, m
 
 FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
             mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
-            episodes=16, queries=64, reps=5, recurrent=RECURRENT_FULL)
+            episodes=16, queries=64, reps=5, recurrent=RECURRENT_FULL, evaluation=EVALUATION_FULL)
 QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256,
              mm_n=256, train_T=(64, 128), train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8),
-             episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK)
+             episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK, evaluation=EVALUATION_QUICK)
 README_BEGIN, README_END = "<!-- bench:start -->", "<!-- bench:end -->"  # the README's generated table
 AUTOGRAD_CHUNK = 64  # the plain-autograd reference at its own former default
 LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
@@ -305,6 +308,7 @@ SECTIONS = {  # name: (run(cfg) -> results, table(cfg, all results) -> markdown 
     "training": (bench_training, training_table), "conversion": (bench_conversion, conversion_table),
     "inference": (bench_inference, inference_table),
     "recurrent": (bench_recurrent, lambda cfg, r: recurrent_table(cfg, r["recurrent"])),
+    "evaluation": (bench_evaluation, lambda cfg, r: evaluation_table(cfg, r["evaluation"])),
 }
 
 
