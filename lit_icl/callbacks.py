@@ -149,7 +149,7 @@ class ICLConversionCallback(ValidationMeasure):
         if too_long not in ("error", "drop"):
             raise ValueError(f"too_long={too_long!r}; allowed: 'error', 'drop'")
         grid = [float(lr) for lr in finetune_lr] if isinstance(finetune_lr, (list, tuple)) else None
-        if any(lr <= 0 or not lr < float("inf") for lr in grid or [float(finetune_lr)]) or grid == []:
+        if grid == [] or any(lr <= 0 or not lr < float("inf") for lr in grid or [float(finetune_lr)]):
             raise ValueError(f"finetune_lr={finetune_lr!r} must be a rate > 0 or a non-empty list of them")
         if select_episodes < 1 or check_batches < 0:
             raise ValueError(f"select_episodes={select_episodes} must be >= 1 and check_batches={check_batches} >= 0")

@@ -17,7 +17,7 @@ from tests.textdata import write_corpus
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
-NEEDS_PRETRAINED = {"smollm2_icl.yaml"}  # a named model (a 93 MB download): a tiny local Llama instead
+NEEDS_PRETRAINED = {"smollm2_icl.yaml", "smollm2_functions.yaml"}  # a named model (a 93 MB download): a tiny local Llama instead
 NEEDS_CORPUS = {"text_momentum.yaml", "templates.yaml", "real_tasks.yaml"}  # required, or a named source (no download in tests)
 OVERLAY = re.compile(r"^# Overlay on configs/(\S+\.yaml)")
 

@@ -215,7 +215,7 @@ class Episodes:
             return ids, None
         query = torch.ones_like(self.query_ids) if self.query_mask is None else self.query_mask.long()
         answer = torch.ones_like(self.answer_ids) if self.answer_mask is None else self.answer_mask.long()
-        return ids, torch.cat([query, answer[:, :-1]], dim=1)
+        return ids, torch.cat([query, answer[:, 1:]], dim=1)  # answer token j is read iff token j + 1 is scored
 
     @property
     def demo_mask(self) -> torch.Tensor | None:
