@@ -231,10 +231,12 @@ class ICLConversionCallback(ValidationMeasure):
         def get(n):
             return datamodule.heldout_episodes(k, n, task=task) if task else datamodule.heldout_episodes(k, n)
         episodes = get(self.num_episodes)
-        if self.lr_grid is None or k == 0:
+        if self.lr_grid is None:
             return episodes, None
+        # every shot count from the same n + select queries (and padding), so that the zero-shot
+        # pass is shared by all of them
         more = get(len(episodes) + self.select_episodes)
-        return more[: len(episodes)], more[len(episodes):]
+        return more[: len(episodes)], more[len(episodes):] if k > 0 else None
 
     def _fit(self, episodes: Episodes, where: str, k: int, block_size: int, task: str,
              selection: bool = False) -> Episodes:

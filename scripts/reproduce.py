@@ -39,9 +39,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, help="icl-vs-ft: held-out episodes per task and shot count (default 200); "
                         "icl-emergence: held-out documents (default 128)")
     parser.add_argument("--shots", type=int, nargs="+", help="icl-vs-ft: shot counts (default 0 1 2 4 8)")
-    parser.add_argument("--tasks", nargs="+", help="icl-vs-ft: template tasks (default mr bbc)")
-    parser.add_argument("--lr-grid", type=float, nargs="+", help="icl-vs-ft: finetuning learning rates to tune over")
-    parser.add_argument("--lr-episodes", type=int, help="icl-vs-ft: held-out episodes of the learning-rate tuning")
+    parser.add_argument("--tasks", nargs="+", help="icl-vs-ft: tasks (default: the 13 function tasks, mr and bbc)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", help="icl-vs-ft: the finetuning learning rates; each task and shot count takes the one with the lowest answer loss")
+    parser.add_argument("--lr-episodes", type=int, help="icl-vs-ft: held-out episodes (after the evaluated ones) that choose the rate")
     parser.add_argument("--batch-size", type=int, help="icl-vs-ft: episodes per batched finetuning (default 4; "
                         "memory grows with it: 8 at 8 shots needed over 20 GB with smollm2-135m)")
     parser.add_argument("--pairs", type=int, help="iclaa: (context, prompt) pairs (default 100)")

@@ -5,7 +5,7 @@ called directly (no Trainer), on SmolLM2-135M: the 13 function tasks of the `fun
 ("apple -> APPLE", "France -> Paris"; Hendel et al., 2023; Todd et al., 2024), open-vocabulary
 and scored by teacher-forced exact match, and the label tasks `mr` and `bbc`. One run per task
 (every shot count in one `evaluate` call, so the zero-shot pass is shared): zero-shot, prompted,
-converted (the exact KV prefix and ICLAA's approximate modes), finetuned accuracy, the share of
+converted (the exact KV prefix; ICLAA's approximate modes in --quick, `iclaa` measures them), finetuned accuracy, the share of
 episodes finetuning changed, Rec2FTP, SimAOU with its random-update baseline, SimAM(ICL, FT) and
 SimAM(ICL, ZSL), the same similarity metrics on an untrained model of the same architecture
 (Deutch et al., 2024), and the phase times. The finetuning learning rate is chosen per task and
@@ -33,8 +33,9 @@ QUICK_EXTRA_WORDS = "apple river stone cloud green table chair light water paper
 
 FULL = dict(model="smollm2-135m", tasks=[*FUNCTION_TASKS, "mr", "bbc"], shots=[0, 1, 2, 4, 8], episodes=200,
             bbc_words=40, lr_grid=[1e-4, 1e-3, 1e-2, 1e-1], lr_episodes=8, batch_size=4,
-            approximate=["taylor", "prf"], num_features=256, seed=0)
+            approximate=[], num_features=256, seed=0)  # ICLAA's modes: scripts/reproduce.py iclaa
 QUICK = dict(FULL, model="quick", tasks=["uppercase", "first_letter", "mr", "bbc"], shots=[0, 1, 2], episodes=4,
+             approximate=["taylor", "prf"],
              lr_grid=[1e-2, 1e-1], lr_episodes=2, num_features=16, bbc_words=8)
 NAME = "icl-vs-ft"
 # fields that pick runs (one per task) or only change the grouping of the work, not what a run computes

@@ -257,8 +257,10 @@ def setup_lines(data: dict) -> list[str]:
             f"- {cfg['episodes']} held-out episodes per task and shot count {cfg['shots']}: queries from the validation "
             "split, demonstrations from the train split (the demonstrations of k shots are a subset of those of more).",
             "- Converted: the query on the demonstrations' exact KV state (checked against one pass over the whole prompt "
-            f"on the first {cfg['batch_size']} episodes) and ICLAA's {', '.join(cfg['approximate'])} approximations "
-            f"({cfg['num_features']} random features).",
+            f"on the first {cfg['batch_size']} episodes)" + (
+                f" and ICLAA's {', '.join(cfg['approximate'])} approximations ({cfg['num_features']} random features)."
+                if cfg["approximate"] else "; no ICLAA approximation here (`scripts/reproduce.py iclaa` measures them: "
+                "a Taylor state of SmolLM2 holds 4161 features per head, some 290 MB per episode)."),
             "- Finetuned: SGD, one epoch, batch size 1, LM loss on every demonstration token, key and value projections "
             "only (Dai et al., 2023). The rate is chosen per task and shot count from "
             f"{', '.join(f'{lr:g}' for lr in cfg['lr_grid'])} by the finetuned copies' mean loss on the answers of "
