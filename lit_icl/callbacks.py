@@ -41,6 +41,7 @@ training model is handed back as it was: parameters, mode and the global RNG are
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -177,6 +178,7 @@ class ICLConversionCallback(ValidationMeasure):
         self.select: dict[tuple[str, int], Episodes] = {}  # (task, shots) -> the episodes that choose the rate
         self.name_tasks = False  # whether scalars name their task (the DataModule has several)
         self.dropped: dict[tuple[str, int], int] = {}
+        self.repeats: dict[str, int] = {}  # task -> rate-choosing episodes that repeat an evaluated query
         self.results: dict[int, dict[str, float]] = {}  # the (first) task's, per shot count
         self.task_results: dict[str, dict[int, dict[str, float]]] = {}
 
@@ -213,7 +215,7 @@ class ICLConversionCallback(ValidationMeasure):
             raise ValueError(f"ICLConversionCallback: tasks={self.tasks}: {unknown} not offered by "
                              f"{type(datamodule).__name__}; allowed: {offered}")
         self.name_tasks = len(offered) > 1
-        self.episodes, self.select, self.dropped = {}, {}, {}
+        self.episodes, self.select, self.dropped, self.repeats = {}, {}, {}, {}
         for task in [t for t in offered if self.tasks is None or t in self.tasks] or [""]:
             where = f"task {task!r}, " if task else ""
             for k in self.shots:
@@ -236,7 +238,16 @@ class ICLConversionCallback(ValidationMeasure):
         # every shot count from the same n + select queries (and padding), so that the zero-shot
         # pass is shared by all of them
         more = get(len(episodes) + self.select_episodes)
-        return more[: len(episodes)], more[len(episodes):] if k > 0 else None
+        evaluated, select = more[: len(episodes)], more[len(episodes):]
+        if k > 0 and task not in self.repeats:
+            seen = {tuple(row.tolist()) for row in evaluated.query_inputs[0]}
+            repeated = sum(tuple(row.tolist()) in seen for row in select.query_inputs[0])
+            if repeated:  # a DataModule that cycles through too few held-out queries
+                self.repeats[task] = repeated
+                rank_zero_info(f"icl: {'task ' + repr(task) + ', ' if task else ''}{repeated} of the "
+                               f"{len(select)} episodes that choose the finetuning rate repeat an evaluated query "
+                               "(too few held-out queries for num_episodes + select_episodes)")
+        return evaluated, select if k > 0 else None
 
     def _fit(self, episodes: Episodes, where: str, k: int, block_size: int, task: str,
              selection: bool = False) -> Episodes:
@@ -370,13 +381,14 @@ def format_summary(results: dict[int, dict[str, float]], open_vocabulary: bool =
              ("simam_icl_ft", "SimAM(ICL,FT)"), ("simam_icl_zsl", "SimAM(ICL,ZSL)"),
              ("max_abs_logit_diff", "max|dlogit|"), ("rel_logit_err", "rel err")]
     extra += [(n, "rel err " + n.removeprefix("rel_logit_err_")) for n in row if n.startswith("rel_logit_err_")]
+    extra = [(n, label) for n, label in extra if n in row]  # rows of older runs lack ft_changed
     head = f"{'shots':>5}" + "".join(f"  {label:>14}" for _, label in extra)
     lines += ["", head]
     for k, r in sorted(results.items()):
         lines.append(f"{k:>5}" + "".join(f"  {r[n]:>14.3g}" for n, _ in extra))
     lines.append("")
     for k, r in sorted(results.items()):
-        if k == 0:
+        if k == 0 or r.get("ft_changed", math.nan) != r.get("ft_changed", math.nan):  # absent or NaN: no line
             continue
         rate = f" at the chosen learning rate {r['finetune_lr']:g}" if "finetune_lr" in r else ""
         if r["ft_changed"] == 0:

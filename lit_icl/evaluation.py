@@ -13,20 +13,21 @@ Answers. A label task (MR, BBC) predicts the argmax over its candidate label tok
 query's last position. An open-vocabulary task (a function task: "france ->" " Paris") predicts a
 word of one or more tokens, scored by exact match: teacher-forced, every answer position's argmax
 given the correct tokens before it is the correct token, which is what greedy decoding of the
-answer's length gives, from one forward pass. The similarity metrics (Rec2FTP, SimAOU, SimAM)
+answer's length gives, from one forward pass (what follows the answer is not checked). The similarity metrics (Rec2FTP, SimAOU, SimAM)
 read the query's last token in both cases, as Dai et al. do for label words.
 
 Cost. The prompted pass runs the demonstrations once, into the model's exact conversion state,
 and the query (with its answer) on that state: the same arithmetic as one pass over the whole
 prompt, and the exact converted prediction is that pass's. So that "converted equals prompted"
-is not circular, the first `check_batches` groups of every shot count also run the whole prompt
-in one pass, and the difference of its logits from the state's is the conversion error logged
-(`max_abs_logit_diff`, `rel_logit_err`). Approximate modes convert on their own and are compared
+is not circular, the first `check_batches` groups of every shot count (of each rank's share)
+also run the whole prompt in one pass, and the difference of its logits from the state's is the
+conversion error logged (`max_abs_logit_diff`, `rel_logit_err`; NaN when nothing was checked). Approximate modes convert on their own and are compared
 with the prompted logits of every episode.
 
 Finetuning learning rate. With a grid (`lr_grid`), each shot count's rate is chosen on separate
 held-out episodes (`select`) by the finetuned copies' mean loss on the answers, which breaks no
-tie towards "nothing changed"; the chosen rate and the loss of each are reported.
+tie towards "nothing changed"; the chosen rate and the loss of each are reported. The untrained
+baseline is finetuned at the rate chosen for the trained model.
 """
 from __future__ import annotations
 
@@ -250,6 +251,17 @@ def select_lr(model: TransformerLM, episodes: Episodes, grid: Sequence[float], f
     return min(grid, key=lambda lr: losses[lr]), losses
 
 
+def _agreed(value: float, device) -> float:
+    """`value` as rank 0 has it, under torch.distributed (every rank chose the rate on the same
+    episodes, but a GPU's backward need not be bitwise deterministic, and a near-tie must not
+    leave the ranks finetuning at different rates)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t)
+
+
 def _query_key(episodes: Episodes) -> tuple:
     """What zero-shot predictions depend on: the queries and answers, as bytes."""
     inputs, mask = episodes.query_inputs
@@ -278,8 +290,8 @@ def measure(model: TransformerLM, episodes: Mapping[int, Episodes], *, finetune:
         seed: seed of SimAOU's random-update baseline.
         select / lr_grid: with a grid, each shot count's finetuning rate is chosen by
             `select_lr` on `select[k]` (episodes other than the evaluated ones; every rank runs
-            all of them, so all agree), and reported as `finetune_lr` and
-            `finetune_select_loss/lr=<lr>`.
+            all of them and takes rank 0's choice: the one collective here), and reported as
+            `finetune_lr` and `finetune_select_loss/lr=<lr>`.
         check_batches: groups per shot count also run as one pass over the whole prompt.
         share_zero_shot: run the zero-shot prediction once per query set, shared by the shot
             counts whose groups hold the same queries (False: once per group, as a benchmark's
@@ -296,9 +308,13 @@ def measure(model: TransformerLM, episodes: Mapping[int, Episodes], *, finetune:
         for k, everything in episodes.items():
             kwargs = dict(finetune)
             metrics = ICLMetrics(model.config.n_layer, conversions(model, approximate), untrained is not None).to(device)
-            if lr_grid is not None and k > 0:
+            if lr_grid is not None and everything.demo_ids.shape[1] > 0:
+                if k not in select:
+                    raise ValueError(f"measure: select has no episodes of {k} shots to choose the rate on "
+                                     f"(it has {sorted(select)})")
                 start = time.perf_counter()
                 kwargs["lr"], losses = select_lr(model, select[k].to(device), lr_grid, finetune, batch_size)
+                kwargs["lr"] = _agreed(kwargs["lr"], device)
                 seconds["select_lr"] = seconds.get("select_lr", 0.0) + time.perf_counter() - start
                 metrics.extra = {"finetune_lr": kwargs["lr"], **{f"finetune_select_loss/lr={lr:g}": v
                                                                  for lr, v in losses.items()}}

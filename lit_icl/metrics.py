@@ -39,8 +39,7 @@ def exact_match(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 def answer_loss(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """[N] mean cross-entropy of the answer's real tokens, teacher-forced (logits [N, A, V])."""
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
-    mask = mask.to(losses.dtype)
-    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.where(mask, losses, 0.0).sum(1) / mask.sum(1).clamp(min=1)  # padding: never read, even if NaN
 
 
 class Rate(Metric):
@@ -79,7 +78,8 @@ class ExactMatch(Rate):
 class ConversionError(Metric):
     """How far converted logits are from prompted ones: `max_abs` = max |l_p - l_c| and
     `relative` = ||l_p - l_c|| / ||l_p|| (the conversion paper's relative logit error), with the
-    norms taken over every logit of every episode."""
+    norms taken over every logit of every episode. Both are NaN when nothing was compared (not 0:
+    an unchecked conversion must not read as an exact one)."""
 
     full_state_update = False
 
@@ -88,15 +88,20 @@ class ConversionError(Metric):
         self.add_state("max_abs", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
         self.add_state("sq_diff", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("sq_ref", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("compared", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, prompted: Tensor, converted: Tensor) -> None:
         diff = (prompted - converted).double()
+        self.compared += diff.numel()
         if diff.numel():
             self.max_abs = torch.maximum(self.max_abs, diff.abs().max())
         self.sq_diff += diff.square().sum()
         self.sq_ref += prompted.double().square().sum()
 
     def compute(self) -> dict[str, Tensor]:
+        if self.compared == 0:
+            nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.max_abs.device)
+            return {"max_abs": nan, "relative": nan}
         return {"max_abs": self.max_abs, "relative": (self.sq_diff / self.sq_ref).sqrt()}
 
 

@@ -190,7 +190,11 @@ def test_callback_on_function_tasks_with_a_rate_grid(tmp_path):
     assert 0.0 <= float(metrics["icl/upper/ft_changed/k=2"]) <= 1.0
     assert float(metrics["icl/upper/rel_logit_err/k=2"]) < 1e-5
     assert not any(name.startswith("icl/first/") for name in metrics)
-    assert len(cb.select[("upper", 2)]) == 2 and not cb.select.get(("upper", 0))
+    assert len(cb.select[("upper", 2)]) == 2 and not cb.select.get(("upper", 0)) and cb.repeats == {}
+    # 8 validation words: 7 evaluated + 2 choosing the rate must repeat a query, and it is said
+    many = ICLConversionCallback(shots=[2], num_episodes=7, finetune_lr=[0.01, 0.1], select_episodes=2)
+    many.prepare(dm, block_size=64)
+    assert many.repeats == {"upper": 1, "first": 1}
     with pytest.raises(ValueError, match=r"tasks=\['nope'\]: \['nope'\] not offered by TemplateDataModule"):
         ICLConversionCallback(tasks=["nope"]).prepare(dm, block_size=64)
 
@@ -223,3 +227,17 @@ def test_open_vocabulary_episodes_are_checked_and_carried():
     with pytest.raises(ValueError, match="first tokens of Episodes.answer_ids"):
         Episodes(eps.demo_ids, eps.query_ids, torch.tensor([1, 1]), eps.candidates, eps.shot_index, eps.query_mask,
                  eps.answer_ids, eps.answer_mask)
+
+
+def test_an_unchecked_conversion_reads_nan_not_zero():
+    """check_batches=0: nothing compared the state with the one-pass prompt, so the exact
+    conversion error is NaN (not 0, which would read as exact); old rows and NaN print sanely."""
+    model = tiny_model(momentum=0.3)
+    eps, _ = open_episodes(model, seed=5, n=4)
+    row = evaluate(model, {2: eps}, finetune=FT, check_batches=0)[2]
+    assert row["max_abs_logit_diff"] != row["max_abs_logit_diff"] and row["rel_logit_err"] != row["rel_logit_err"]
+    checked = evaluate(model, {2: eps}, finetune=FT, check_batches=1)[2]
+    assert 0.0 <= checked["rel_logit_err"] < 1e-10
+    old = {k: v for k, v in checked.items() if k != "ft_changed"}  # a row from before ft_changed existed
+    assert "FT changed" not in format_summary({0: old, 2: old}) and "changed" not in format_summary({2: old})
+    assert "finetuning" not in format_summary({2: dict(checked, ft_changed=float("nan"))}).split("\n")[-1]
