@@ -75,9 +75,11 @@ def toy_episodes(n: int, k: int, open_vocabulary: bool) -> Episodes:
 
 
 def quick_tasks(ec: dict):
-    from lit_icl.experiments.bench import lm
+    from lit_icl.model import TransformerConfig, TransformerLM
 
-    model = lm(64, attention="softmax").eval()
+    torch.manual_seed(0)  # a quickstart-size softmax model (the package's `lm`, which this module cannot import)
+    model = TransformerLM(TransformerConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=128,
+                                            token_shift=True, attention="softmax")).eval()
     episodes = {name: {k: toy_episodes(ec["episodes"], k, name == "open") for k in ec["shots"]}
                 for name in ec["tasks"]}
     return model, episodes
