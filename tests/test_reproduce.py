@@ -262,3 +262,18 @@ def test_scripts_import_the_package_never_each_other_and_the_core_never_imports_
     for path in core:
         offending = {m for m in imported_modules(path) if m.startswith("lit_icl.experiments")}
         assert not offending, f"{path.relative_to(ROOT)} imports {offending}: experiments sit on top of the package"
+
+
+def test_phase_change_rule_reads_drops_rises_and_recoveries():
+    """The report's reading of one score curve: the largest drop and rise between validations,
+    and whether the drop lasts; a curve that only rises has no lasting drop to call."""
+    from lit_icl.experiments.icl_emergence import moves
+
+    rising = [[29, 0.0], [59, 0.04], [89, 0.03], [119, 0.05]]
+    m = moves(rising)
+    assert m["drop"] == [60, 90, pytest.approx(0.01)] and not m["lasting"], "the dip is climbed back"
+    assert m["rise"] == [30, 60, pytest.approx(0.04)] and m["net"] == pytest.approx(0.05)
+    falling = [[29, 0.3], [59, 0.29], [89, 0.1], [119, 0.12]]
+    m = moves(falling)
+    assert m["drop"] == [60, 90, pytest.approx(0.19)] and m["lasting"] and m["net"] < 0
+    assert moves([[0, 1.0]]) == dict(drop=None, rise=None, lasting=False, net=0.0)
