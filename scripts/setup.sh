@@ -15,5 +15,9 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# litdata (the stream extra) without torchvision: PyPI's torchvision is a CUDA build that breaks
+# `import lightning` on a CPU torch, and litdata imports it only for images; its other requirements:
+"$VENV/bin/python" -m pip install -q boto3 obstore requests "urllib3>=1.26" lightning-utilities filelock numpy
+"$VENV/bin/python" -m pip install -q --no-deps "$(grep -o 'litdata==[0-9.]*' pyproject.toml)"
 echo "$want" > "$stamp"
-echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)'))"
+echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, lightning, litdata; print("torch", torch.__version__, "lightning", lightning.__version__, "litdata", litdata.__version__)'))"
