@@ -27,7 +27,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
 
     result = json.loads(out.read_text())
     assert set(result) == {"meta", "kernels", "flops", "training", "conversion", "inference", "recurrent", "evaluation",
-                           "targets"}
+                           "head", "mfu", "targets"}
     assert result["meta"]["quick"] is True and result["meta"]["threads"] == 1
     for row in result["kernels"]["by_T"].values():
         assert {"chunked", "chunked (autograd, C=64)", "sdpa (softmax)"} <= set(row)
@@ -43,6 +43,7 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
         assert {"chunked", "recurrent"} <= set(v["by_T"][mid]) and set(v["by_T"][long]) == {"chunked"}
         assert ("fla naive chunk" in v["by_T"][mid]) == (kind != "gla")  # fla has no naive chunked GLA
         assert v["scaling"]["ratio"] > 0 and len(v["chunk_sweep"]) == 2
+    check_step_cost_sections(result, proc.stdout)
     targets = result["targets"]
     assert len(targets) >= 8 + 7 and all(isinstance(t["met"], bool) for t in targets)
 
@@ -52,6 +53,27 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     for t in targets:  # each target is a row that says met or NOT met
         assert any(line.startswith(f"| {t['target']} |") and line.rstrip().endswith(("| met |", "| NOT met |"))
                    for line in table.splitlines())
+
+
+def check_step_cost_sections(result: dict, table: str) -> None:
+    """Sections 8 (output head: full logits vs chunked loss) and 9 (share of the matmul rate per
+    kind; QUICK skips the compile, tests/test_bench_step_cost.py runs it)."""
+    methods = result["head"]["methods"]
+    assert list(methods) == ["full logits + F.cross_entropy", "chunked (C=48)", "chunked, recompute (C=48)"]
+    for v in methods.values():
+        assert v["median_s"] > 0 and v["page_faults"] >= 0 and v["system_s"] >= 0 and len(v["times_s"]) == 2
+    kinds = result["mfu"]["kinds"]
+    assert set(kinds) == {"linear", "momentum", "softmax", "retention", "simple_gla", "gla", "deltanet"}
+    assert result["mfu"]["mm_flops_per_s"] > 0
+    for kind, v in kinds.items():
+        assert v["flops"] > 0 and v["fraction"] > 0 and "compiled" not in v, kind
+        assert abs(v["flops_per_s"] - v["flops"] / v["median_s"]) <= 1e-9 * v["flops_per_s"]
+    # momentum adds its own term to linear attention's matmuls
+    assert kinds["momentum"]["flops"] > kinds["linear"]["flops"]
+    lines = table.splitlines()
+    assert any(line.startswith("**8. Output head loss+backward**") for line in lines)
+    assert any(line.startswith("**9. Share of the matmul rate") for line in lines)
+    assert sum(line.startswith(tuple(f"| {k} |" for k in kinds)) and "skipped (QUICK)" in line for line in lines) == 7
 
 
 def test_sections_runs_only_the_named_ones(tmp_path):

@@ -19,6 +19,12 @@ Sections (float32 on the CPU):
     fla's pure-PyTorch chunked reference, and linear in T (bench/recurrent.py).
  7. the ICL-vs-finetuning comparison (`lit_icl.evaluation.measure`) on SmolLM2-135M, seconds per
     episode of each phase, before and after it was made cheaper (bench/evaluation_cost.py).
+ 8. the output head's loss+backward at the text configs' width and vocabulary: full logits +
+    F.cross_entropy vs lit_icl.loss.chunked_cross_entropy; time, peak resident memory, page
+    faults and system time per step (bench/step_cost.py).
+ 9. the share of the matmul rate a forward+backward reaches per attention kind (FLOPs by
+    torch.utils.flop_counter), eager and with torch.compile (cold compile and steady step, or
+    the failure), each kind compiled in a fresh process (bench/step_cost.py).
 QUICK shrinks every shape for a smoke run (a test runs it); its targets are not meaningful.
 Timing helpers: bench/timing.py.
 """
@@ -50,14 +56,26 @@ from lit_icl.experiments.bench.recurrent import (
     recurrent_table,
     recurrent_targets,
 )
+from lit_icl.experiments.bench.step_cost import (
+    HEAD_FULL,
+    HEAD_QUICK,
+    MFU_FULL,
+    MFU_QUICK,
+    bench_head,
+    bench_mfu,
+    head_table,
+    mfu_table,
+)
 from lit_icl.experiments.bench.timing import alternate, fmt_s, fwd_bwd, knobs, machine, matmul_check, med, peak_memory, ratio
 
 FULL = dict(B=4, H=8, D=64, kernel_T=(512, 2048, 8192), chunks=(16, 32, 64, 128, 256), quadratic_max_T=2048,
             mm_n=2048, train_T=(1024, 4096), train_tokens=16384, demos=(8, 32, 128), shots=(0, 8, 32, 128),
-            episodes=16, queries=64, reps=5, recurrent=RECURRENT_FULL, evaluation=EVALUATION_FULL)
+            episodes=16, queries=64, reps=5, recurrent=RECURRENT_FULL, evaluation=EVALUATION_FULL,
+            head=HEAD_FULL, mfu=MFU_FULL)
 QUICK = dict(B=1, H=2, D=16, kernel_T=(32, 64, 256), chunks=(16, 64), quadratic_max_T=256,
              mm_n=256, train_T=(64, 128), train_tokens=512, demos=(2, 4, 8), shots=(0, 2, 8),
-             episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK, evaluation=EVALUATION_QUICK)
+             episodes=4, queries=8, reps=2, recurrent=RECURRENT_QUICK, evaluation=EVALUATION_QUICK,
+             head=HEAD_QUICK, mfu=MFU_QUICK)
 README_BEGIN, README_END = "<!-- bench:start -->", "<!-- bench:end -->"  # the README's generated table
 AUTOGRAD_CHUNK = 64  # the plain-autograd reference at its own former default
 LM = dict(n_layer=2, n_head=4, n_embd=128, token_shift=True)  # configs/quickstart.yaml
@@ -309,6 +327,8 @@ SECTIONS = {  # name: (run(cfg) -> results, table(cfg, all results) -> markdown 
     "inference": (bench_inference, inference_table),
     "recurrent": (bench_recurrent, lambda cfg, r: recurrent_table(cfg, r["recurrent"])),
     "evaluation": (bench_evaluation, lambda cfg, r: evaluation_table(cfg, r["evaluation"])),
+    "head": (bench_head, lambda cfg, r: head_table(cfg, r["head"])),
+    "mfu": (bench_mfu, lambda cfg, r: mfu_table(cfg, r["mfu"])),
 }
 
 
