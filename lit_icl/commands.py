@@ -173,6 +173,7 @@ def prepare_main(args: list[str]) -> None:
     parser.add_argument("--chunk_tokens", type=int, default=2**24, help="tokens per shard file (whole windows)")
     text_args = parser.add_class_arguments(TextDataModule, None, sub_configs=False,
                                            skip={"corpus", "batch_size", "num_workers", "templates", "num_heldout"})
+    parser.set_defaults(val_by="auto")  # the corpus configs' hold-out: contiguous text, as the text measures need
     cfg = parser.parse_args(args)
     text = TextDataModule(corpus=cfg.corpus, **{name: cfg[name] for name in text_args})
     meta = prepare(text, cfg.out, cfg.num_workers, cfg.chunk_tokens)
