@@ -91,7 +91,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     if grad_h is not None:
                         torch.mm(g, w, out=grad_h[s:e])
                     if grad_w is not None:
-                        grad_w.addmm_(g.t(), h)
+                        torch.addmm(grad_w, g.t(), h, out=grad_w)  # not addmm_: FlopCounterMode counts no in-place op
             loss = ((lse - target) * valid).sum() / count.to(dtype)  # nan when every label is ignored, as F.cross_entropy
         ctx.mark_non_differentiable(*([argmax] if argmax is not None else []))
         ctx.recompute, ctx.chunk_size, ctx.dtypes = recompute, chunk_size, (hidden.dtype, weight.dtype)
@@ -127,7 +127,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     if grad_h is not None:
                         torch.mm(g, w, out=grad_h[s:e])
                     if grad_w is not None:
-                        grad_w.addmm_(g.t(), h)
+                        torch.addmm(grad_w, g.t(), h, out=grad_w)  # not addmm_: FlopCounterMode counts no in-place op
         return (None if grad_h is None else grad_h.to(h_dtype), None if grad_w is None else grad_w.to(w_dtype),
                 None, None, None, None, None)
 

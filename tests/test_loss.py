@@ -151,3 +151,19 @@ def test_default_chunk_size_and_checks():
         chunked_cross_entropy(h, w, labels[:-1], 4)
     with pytest.raises(ValueError, match="weight"):
         chunked_cross_entropy(h, w.T, labels, 4)
+
+
+def test_flop_counter_sees_every_head_matmul():
+    """The throughput callback counts FLOPs with FlopCounterMode, which skips in-place ops: the
+    chunked loss does the reference's three head matmuls (four with recompute), all counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w, labels = inputs(100, 16, 50, torch.float32)
+    counts = []
+    for loss_fn in (lambda: F.cross_entropy(h @ w.T, labels), lambda: chunked_cross_entropy(h, w, labels, 32),
+                    lambda: chunked_cross_entropy(h, w, labels, 32, recompute=True)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss_fn().backward()
+        counts.append(counter.get_total_flops() / (2 * 100 * 16 * 50))
+    assert counts == [3, 3, 4]
