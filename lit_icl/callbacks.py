@@ -280,16 +280,16 @@ class ICLConversionCallback(ValidationMeasure):
             )
         return episodes
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict, dict]:
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: TransformerLM) -> tuple[dict, dict]:
         """The metrics of every task and shot count on this rank's share, not yet computed, and
         the phase times."""
         if not self.episodes:  # evaluate() called outside a Trainer's setup
-            self.prepare(trainer.datamodule, pl_module.model.config.block_size)
+            self.prepare(trainer.datamodule, model.config.block_size)
         seconds, collected = {}, {}
         tasks = list(dict.fromkeys(task for task, _ in self.episodes))
         for i, task in enumerate(tasks, 1):
             begun = time.perf_counter()
-            collected[task] = self._run(trainer, pl_module.model, task, seconds)
+            collected[task] = self._run(trainer, model, task, seconds)
             if len(tasks) > 1:  # a line per finished task: a pretrained model takes minutes
                 rank_zero_info(f"icl: {i}/{len(tasks)} {task} evaluated in {time.perf_counter() - begun:.1f} s")
         return collected, seconds

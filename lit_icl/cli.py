@@ -36,6 +36,7 @@ import lit_icl.data  # noqa: F401  (registers the data modules as known --data s
 from lit_icl.errors import first_line
 from lit_icl.files import load_checkpoint
 from lit_icl.module import LitTransformerLM, NonFiniteLossError
+from lit_icl.strategies import is_sharded_checkpoint
 
 __all__ = ["LitICLCLI", "build_cli", "main"]
 
@@ -90,7 +91,7 @@ class LitICLCLI(LightningCLI):
                     raise ConfigError(f"--ckpt_path last: no run under {RUNS_DIR}/ has a last.ckpt to resume")
             folder = os.path.join(RUNS_DIR, run)
             has_checkpoints = any(Path(folder).glob("*.ckpt"))
-            if resume and not os.path.isfile(os.path.join(folder, "last.ckpt")):
+            if resume and not os.path.exists(os.path.join(folder, "last.ckpt")):
                 raise ConfigError(f"--ckpt_path last: run {run!r} has no {folder}/last.ckpt to resume")
             if not resume and has_checkpoints:
                 raise ConfigError(f"run {run!r} already has checkpoints in {folder}/; resume it with --ckpt_path "
@@ -123,7 +124,7 @@ class LitICLCLI(LightningCLI):
         if self.trainer.is_global_zero and checkpoint is not None and checkpoint.dirpath:
             last = os.path.join(checkpoint.dirpath, "last.ckpt")
             where = f"lit-icl: run {getattr(self, 'run_name', None) or '-'}: checkpoints in {checkpoint.dirpath}/"
-            if os.path.isfile(last):
+            if os.path.exists(last):
                 where += f" (last: {last})"
             if log_dir:
                 where += f"; logs in {log_dir}/"
@@ -184,7 +185,8 @@ def check_ckpt_path(argv: list[str]) -> None:
     (and never runs pickled code)."""
     for i, arg in enumerate(argv):
         path = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
-        if path and path not in ("last", "hpc", "best", "null") and not path.startswith("registry"):
+        if path and path not in ("last", "hpc", "best", "null") and not path.startswith("registry") \
+                and not is_sharded_checkpoint(path):  # a sharded one is read in place by its strategy
             load_checkpoint(path)
 
 

@@ -35,7 +35,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load with weights_only=True (no code from the file runs); ValueError naming the
-    file when it is missing, truncated or not a lit_icl checkpoint."""
+    file when it is missing, truncated or not a lit_icl checkpoint. A sharded checkpoint (the
+    folder a ``--trainer.strategy fsdp2`` run writes) is consolidated first, in a temporary file."""
+    from lit_icl.strategies import consolidate_checkpoint, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_checkpoint(consolidate_checkpoint(path, Path(tmp) / "consolidated.ckpt"))
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

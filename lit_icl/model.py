@@ -33,6 +33,7 @@ from torch import Tensor
 from lit_icl.config import TransformerConfig
 from lit_icl.hf import read_checkpoint, translate
 from lit_icl.layers import RESIDUAL_PROJECTIONS, make_mlp, make_norm, shift_tokens
+from lit_icl.loss import chunked_cross_entropy
 from lit_icl.mixers import MIXERS, LayerState, MixerOutput, Pass
 
 LOGITS_AT = ("all", "last", "none")
@@ -54,7 +55,8 @@ class LMOutput:
     """What `TransformerLM.run` returns. `layers`/`offset`/`last_token` form the state after the
     input; `attn_outputs[l]` is layer l's attention output (after o_proj, before the residual),
     `attn_scores[l]` the last position's scores over this input's tokens [B, H, T] (q.k/sqrt(d)
-    for softmax, phi(q).phi(k) for linear): filled only when asked for."""
+    for softmax, phi(q).phi(k) for linear): filled only when asked for; `hidden` the final norm's
+    output [B, T, D], the head's input (need_hidden)."""
 
     logits: Optional[Tensor]
     offset: Tensor
@@ -62,6 +64,7 @@ class LMOutput:
     layers: Optional[list[LayerState]] = None
     attn_outputs: list[Tensor] = field(default_factory=list)
     attn_scores: list[Tensor] = field(default_factory=list)
+    hidden: Optional[Tensor] = None
 
     def collect(self, mixed: MixerOutput, run: Pass) -> None:
         if run.need_state:
@@ -174,11 +177,21 @@ class TransformerLM(nn.Module):
 
     def forward(
         self, input_ids: Tensor, state: ModelState | None = None, attention_mask: Tensor | None = None,
-        check: bool = True,
-    ) -> Tensor:
+        check: bool = True, labels: Tensor | None = None, loss_chunk_size: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits [B, T, vocab]. With `state`, the input continues after the state's tokens.
-        check=False skips the data-dependent input checks (needed under torch.func.vmap)."""
-        return self.run(input_ids, state, attention_mask, check=check).logits
+        check=False skips the data-dependent input checks (needed under torch.func.vmap).
+
+        With `labels` [B, T] (-100 where nothing is scored): (the mean cross-entropy, the argmax
+        prediction [B, T]) instead, with the head and the loss computed `loss_chunk_size` rows at
+        a time (`lit_icl.loss.chunked_cross_entropy`; None: 16 MiB of logits a chunk), so the
+        [B, T, vocab] logits never exist. Inside forward, so FSDP's hooks and torch.compile cover it."""
+        if labels is None:
+            return self.run(input_ids, state, attention_mask, check=check).logits
+        hidden = self.run(input_ids, state, attention_mask, check=check, logits_at="none", need_hidden=True).hidden
+        loss, argmax = chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                             loss_chunk_size, return_argmax=True)
+        return loss, argmax.view_as(labels)
 
     def run(
         self,
@@ -188,6 +201,7 @@ class TransformerLM(nn.Module):
         *,
         need_state: bool = False,
         need_attn: bool = False,
+        need_hidden: bool = False,
         check: bool = True,
         logits_at: str | int = "all",
         attn_at: int | None = None,
@@ -197,7 +211,8 @@ class TransformerLM(nn.Module):
         [B, 1, V], an int n: the last n positions [B, n, V] (a teacher-forced answer), or "none"
         (None; the output head is the costliest layer of a small model, and conversion needs no
         logits). attn_at: the position whose scores need_attn reports, over the keys up to it
-        (None: the last; a query followed by its answer reports the query's last token)."""
+        (None: the last; a query followed by its answer reports the query's last token).
+        need_hidden: also return the final norm's output at every position (`hidden`)."""
         self._check_input(input_ids, attention_mask, logits_at, check)
         B, T = input_ids.shape
         layers, offset, last_token = self._prior(state, B, input_ids.device)
@@ -210,9 +225,12 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, mixed = block(x, None if layers is None else layers[i], fwd)
             out.collect(mixed, fwd)
+        if need_hidden:
+            x = out.hidden = self.ln_f(x)
         if logits_at != "none":
             last = {"all": T, "last": 1}.get(logits_at, logits_at)
-            out.logits = self.lm_head(self.ln_f(x if last == T else x[:, T - last:]))
+            x = x if last == T else x[:, T - last:]
+            out.logits = self.lm_head(x if need_hidden else self.ln_f(x))
         return out
 
     def _check_input(self, input_ids: Tensor, attention_mask: Tensor | None, logits_at: str, check: bool) -> None:

@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from lit_icl.data.batches import IGNORE_INDEX
 from lit_icl.model import BakedContext, TransformerConfig, TransformerLM
 from lit_icl.sources import model_directory
+from lit_icl.strategies import is_sharded
 
 __all__ = ["LitTransformerLM", "lr_lambda"]
 
@@ -91,6 +92,21 @@ class LitTransformerLM(pl.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr`` after the cosine decay.
         on_nonfinite: ``"stop"`` (raise NonFiniteLossError naming the step, before the update)
             or ``"skip"`` (drop that step) when the training loss is NaN or infinite.
+        compile: compile the model's forward with ``torch.compile`` for training, validation and
+            the loss (``nn.Module.compile``: the weights keep their names, checkpoints are
+            unchanged). The ICL measures call ``model.run`` and stay eager (their shapes vary
+            with every prompt). The first steps pay the compilation (tens of seconds on a CPU).
+        activation_checkpointing: recompute each block's activations in the backward pass instead
+            of keeping them (``torch.distributed._composable.checkpoint``: parameter names and
+            checkpoints unchanged; gradients identical), trading about one more forward per step
+            for activation memory of one block. Composes with fsdp2, DDP and compile.
+        loss_chunk_size: rows of the output head and the loss computed at a time
+            (`lit_icl.loss.chunked_cross_entropy`, Wijmans et al. 2025): the [B, T, vocab] logits,
+            their softmax and gradient never exist. None: 16 MiB of float32 logits a chunk (256
+            rows at vocabulary 16,384); 0: the full logits and F.cross_entropy (the reference).
+
+    Under ``--trainer.strategy fsdp2`` (:mod:`lit_icl.strategies`) :meth:`configure_model` shards
+    every block and then the root with FSDP2's ``fully_shard``.
     """
 
     def __init__(
@@ -103,6 +119,9 @@ class LitTransformerLM(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         on_nonfinite: str = "stop",
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if pretrained is None and isinstance(config, Mapping):
@@ -116,6 +135,9 @@ class LitTransformerLM(pl.LightningModule):
                 f"need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got lr={lr}, "
                 f"warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
             )
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
+            raise ValueError(f"loss_chunk_size={loss_chunk_size!r}; allowed: None (automatic), 0 (full logits) or "
+                             "a positive number of rows")
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
         self.save_hyperparameters()
@@ -128,6 +150,7 @@ class LitTransformerLM(pl.LightningModule):
                 tuned = TransformerLM(cfg)
                 tuned.load_state_dict(self.model.state_dict())
                 self.model = tuned
+        self._checkpointed = False  # activation checkpointing applied (configure_model)
         self.hparams["config"] = asdict(self.model.config)  # a plain dict: checkpoints hold no custom class
         # One sequence (at most 256 tokens) for the model summary's FLOPs column.
         self.example_input_array = torch.zeros(1, min(self.model.config.block_size, 256), dtype=torch.long)
@@ -152,10 +175,43 @@ class LitTransformerLM(pl.LightningModule):
             return self.model(input_ids)
         return self.model(input_ids, attention_mask=attention_mask)
 
-    def _logits_and_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+    def _loss_and_predictions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean cross-entropy on the labelled positions and the argmax prediction [B, T]:
+        the head and the loss in chunks (`lit_icl.loss`) unless loss_chunk_size=0."""
+        chunk = self.hparams.get("loss_chunk_size")
+        if chunk == 0:  # the reference: full logits
+            logits = self(batch["input_ids"], batch.get("attention_mask"))
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in float32
+            loss = F.cross_entropy(wide.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+            return loss, logits.argmax(dim=-1)
+        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                          loss_chunk_size=chunk)
+
+    def configure_model(self) -> None:
+        """Shard the model when the strategy has a device mesh (``fsdp2``): ``fully_shard`` on
+        every block, then on the root (embeddings, final norm and head, tied or not), over the
+        data-parallel mesh (after activation checkpointing, when set); compile it when ``compile``
+        is set. Lightning calls this on every
+        ``fit``/``validate``/``test``; a model already sharded or compiled is left as it is."""
+        if self.hparams.get("activation_checkpointing") and not self._checkpointed:
+            from torch.distributed._composable import checkpoint
+
+            for block in self.model.blocks:
+                checkpoint(block)
+            self._checkpointed = True
+        mesh = self.device_mesh
+        if mesh is not None and not is_sharded(self.model):
+            from torch.distributed.fsdp import fully_shard
+
+            if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(f"tensor_parallel_size={mesh['tensor_parallel'].size()}: the model has no tensor "
+                                 "parallelism; use --trainer.strategy fsdp2 (data parallel only)")
+            data_parallel = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+            for block in self.model.blocks:
+                fully_shard(block, mesh=data_parallel)
+            fully_shard(self.model, mesh=data_parallel)
+        if self.hparams.get("compile") and getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile()
 
     def setup(self, stage: str) -> None:
         """Fail in seconds, not after a cluster hour: sequences must fit the model."""
@@ -170,7 +226,7 @@ class LitTransformerLM(pl.LightningModule):
         """Cross-entropy on the labelled positions. A non-finite loss (on any rank: the ranks
         agree through one collective) stops training before the update with
         NonFiniteLossError naming the step, or with on_nonfinite="skip" skips the step."""
-        _, loss = self._logits_and_loss(batch)
+        loss, _ = self._loss_and_predictions(batch)
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             if self.hparams.on_nonfinite == "skip":
                 rank_zero_warn(f"non-finite training loss at step {self.global_step}: step skipped")
@@ -183,12 +239,12 @@ class LitTransformerLM(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        logits, loss = self._logits_and_loss(batch)
+        loss, predicted = self._loss_and_predictions(batch)
         labelled = batch["labels"] != IGNORE_INDEX
         n = int(labelled.sum())
         if n == 0:
             return
-        correct = (logits.argmax(dim=-1) == batch["labels"])[labelled].float()
+        correct = (predicted == batch["labels"])[labelled].float()
         self.metrics[stage]["loss"].update(loss.detach(), weight=n)
         self.metrics[stage]["acc"].update(correct)
 
@@ -228,8 +284,8 @@ class LitTransformerLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A baked checkpoint (`lit-icl convert --bake`) carries context buffers under
         model.context.*: install a context of their shapes so the state dict loads."""
-        prefix = "model.context."
-        if any(k.startswith(prefix) for k in checkpoint["state_dict"]):
+        prefix = "model.context."  # (a sharded checkpoint has no state_dict here: fsdp2 loads it in place)
+        if any(k.startswith(prefix) for k in checkpoint.get("state_dict", ())):
             self.model.context = BakedContext.from_state_dict(checkpoint["state_dict"], prefix, self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -256,12 +256,11 @@ class TextICLCallback(ValidationMeasure):
         self.documents, self.early, self.late, self.split = documents.long(), early, late, split
 
     @torch.no_grad()
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TextICLMetrics:
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: TransformerLM) -> TextICLMetrics:
         """This rank's strided share of the documents, measured; the metrics not yet computed."""
         if self.documents is None:
             self.prepare(trainer, pl_module)
-        model, device = pl_module.model, pl_module.device
-        return self.evaluate(model, self.documents[trainer.global_rank :: trainer.world_size].to(device))
+        return self.evaluate(model, self.documents[trainer.global_rank :: trainer.world_size].to(pl_module.device))
 
     def evaluate(self, model: TransformerLM, documents: Tensor) -> TextICLMetrics:
         """The metrics of `documents` [N, L + 1] (updated, not computed)."""

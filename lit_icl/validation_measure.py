@@ -10,6 +10,9 @@ taken at the end of validation (`lit_icl.callbacks.ICLConversionCallback` on tas
 - No training lost: during `fit`, an exception inside `measure` is reported in one line,
   `<prefix>/failed` = 1 is logged for that validation and training goes on (the validation's
   checkpoint is written as usual); in `validate` / `test`, or with LIT_ICL_DEBUG=1, it is raised.
+- Sharded training (``--trainer.strategy fsdp2``): every rank gathers the full weights into an
+  unsharded copy (`lit_icl.strategies.whole_model`) and measures its share on it, as under DDP;
+  the figures equal DDP's. FSDP1 and DeepSpeed are refused at start.
 - DDP: every rank measures its share; whether any rank failed is decided by one collective
   outside the part that can fail, so no rank waits in a metric's sync for a rank whose
   measurement failed; `publish` (which computes, and so syncs, the metrics) runs on all ranks
@@ -29,6 +32,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lit_icl.errors import first_line
+from lit_icl.model import TransformerLM
+from lit_icl.strategies import FSDP2Strategy, whole_model
 
 log = logging.getLogger("lightning.pytorch")
 
@@ -51,17 +56,19 @@ class ValidationMeasure(Callback, abc.ABC):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
-        if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+        if ("FSDP" in name and not isinstance(trainer.strategy, FSDP2Strategy)) or "DeepSpeed" in name:
             raise ValueError(f"{type(self).__name__} needs the whole model on every rank ({self.needs}), but "
-                             f"strategy {name} shards it; use strategy ddp")
+                             f"strategy {name} shards it in a way it cannot gather; use --trainer.strategy fsdp2 "
+                             "(FSDP2, lit_icl.strategies) or ddp")
 
     @abc.abstractmethod
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build and check the held-out data; ValueError with one line naming what cannot work."""
 
     @abc.abstractmethod
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """This rank's share of the measurement (may fail; must not sync across ranks)."""
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: TransformerLM) -> Any:
+        """This rank's share of the measurement on `model` (pl_module's model, or its unsharded
+        copy under sharding; may fail; must not sync across ranks)."""
 
     @abc.abstractmethod
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Any, start: float) -> None:
@@ -89,9 +96,10 @@ class ValidationMeasure(Callback, abc.ABC):
         if not self.due(trainer):
             return
         start = time.perf_counter()
+        model = whole_model(pl_module.model)  # a collective when sharded: outside the part that may fail
         failure, result = None, None
         try:
-            result = self.measure(trainer, pl_module)
+            result = self.measure(trainer, pl_module, model)
         except Exception as err:  # noqa: BLE001 -- any failure of the measurement, reported below
             if trainer.state.fn != "fit" or os.environ.get("LIT_ICL_DEBUG"):
                 raise

@@ -100,14 +100,14 @@ def test_nonfinite_loss_skip_mode_skips_the_step(tmp_path):
     """One NaN loss at step 3 with on_nonfinite="skip": no update there, training goes on."""
     trainer, module, dm = poisoned(tmp_path, "skip")
     trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "PoisonWeightsAt"]
-    real, snapshots = module._logits_and_loss, {}
+    real, snapshots = module._loss_and_predictions, {}
 
     def flaky(batch):
-        logits, loss = real(batch)
+        loss, predicted = real(batch)
         snapshots[trainer.global_step] = module.model.wte.weight.detach().clone()
-        return logits, loss * float("nan") if trainer.global_step == 3 else loss
+        return loss * float("nan") if trainer.global_step == 3 else loss, predicted
 
-    module._logits_and_loss = flaky
+    module._loss_and_predictions = flaky
     with pytest.warns(UserWarning, match="non-finite training loss at step 3: step skipped"):
         trainer.fit(module, datamodule=dm)
     assert torch.equal(snapshots[3], snapshots[4]), "the NaN step made no update"

@@ -92,3 +92,25 @@ def test_config_forms_and_errors(tiny_config):
         LitTransformerLM(7)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         LitTransformerLM(tiny_config, min_lr_ratio=2.0)
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 1000])
+def test_chunked_loss_equals_the_full_logits_reference(tiny_config, chunk):
+    """The training loss, its gradients and the predictions through the chunked head
+    (lit_icl.loss, inside the model's forward) equal the full logits' F.cross_entropy, float64."""
+    torch.manual_seed(0)
+    ref = LitTransformerLM(tiny_config, loss_chunk_size=0).double()
+    mod = LitTransformerLM(tiny_config, loss_chunk_size=chunk).double()
+    mod.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 11))
+    labels = torch.randint(0, tiny_config.vocab_size, (3, 11))
+    labels[0, :4] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    (loss_a, pred_a), (loss_b, pred_b) = ref._loss_and_predictions(batch), mod._loss_and_predictions(batch)
+    loss_a.backward()
+    loss_b.backward()
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-12) and torch.equal(pred_a, pred_b)
+    for (name, a), b in zip(ref.named_parameters(), mod.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-13, msg=name)
+    with pytest.raises(ValueError, match="loss_chunk_size=-1"):
+        LitTransformerLM(tiny_config, loss_chunk_size=-1)

@@ -70,7 +70,7 @@ def throughput(module, datamodule, steps: int = 20, warmup: int = 5) -> float:
         if i == warmup:
             tokens, start = 0, time.perf_counter()
         batch = next(batches)
-        _, loss = module._logits_and_loss(batch)
+        loss, _ = module._loss_and_predictions(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
