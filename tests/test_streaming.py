@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import lightning.pytorch as pl
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from lit_icl.cli import main
 from lit_icl.data.streaming import StreamingTextDataModule, prepare
 from lit_icl.data.text import TextDataModule
-from lit_icl.data.tokenizer import tokenizer_sha
+from lit_icl.data.tokenizer import checkpoint_tokenizer, tokenizer_sha
 from lit_icl.files import load_checkpoint
 from tests.conftest import LIT_ICL, ROOT
 from tests.textdata import write_corpus
@@ -196,6 +197,8 @@ def test_a_fit_killed_mid_epoch_resumes_exactly(prepared, tmp_path):
     end, ref = load_checkpoint(tmp_path / "run" / "last.ckpt"), load_checkpoint(tmp_path / "full" / "last.ckpt")
     assert end["global_step"] == ref["global_step"] == 40
     assert all(torch.equal(end["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    assert checkpoint_tokenizer(end).to_str() == Tokenizer.from_file(str(root / "shards" / "tokenizer.json")).to_str(), \
+        "convert and generate --prompt find the run's tokenizer in its checkpoint"
 
 
 class RecordBatches(pl.Callback):

@@ -24,12 +24,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lit_icl.files import atomic_path, load_checkpoint
 from lit_icl.sources import SOURCES, model_directory
 
-__all__ = ["CHECKPOINT_KEY", "EOS", "MIN_VOCAB_SIZE", "checkpoint_tokenizer", "read_tokenizer", "save_tokenizer",
+__all__ = ["CHECKPOINT_KEYS", "EOS", "MIN_VOCAB_SIZE", "checkpoint_tokenizer", "read_tokenizer", "save_tokenizer",
            "tokenizer_file", "tokenizer_sha", "train_bpe"]
 
 EOS = "<|endoftext|>"
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
-CHECKPOINT_KEY = "TextDataModule"  # where Lightning keeps TextDataModule.state_dict() in a checkpoint
+CHECKPOINT_KEYS = ("TextDataModule", "StreamingTextDataModule")  # where Lightning keeps their state_dict()
 
 
 def train_bpe(texts: Iterable[str] | Iterator[list[str]], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -83,11 +83,13 @@ def tokenizer_file(spec: str) -> str:
 
 
 def checkpoint_tokenizer(checkpoint: dict) -> Tokenizer | None:
-    """The tokenizer a loaded checkpoint's run used: the one its TextDataModule saved in it, else
-    the pretrained model's own (``tokenizer.json`` beside its weights), else None."""
-    state = checkpoint.get(CHECKPOINT_KEY)
-    if state and "tokenizer" in state:
-        return Tokenizer.from_str(state["tokenizer"])
+    """The tokenizer a loaded checkpoint's run used: the one its TextDataModule (or
+    StreamingTextDataModule) saved in it, else the pretrained model's own (``tokenizer.json``
+    beside its weights), else None."""
+    for key in CHECKPOINT_KEYS:
+        state = checkpoint.get(key)
+        if state and "tokenizer" in state:
+            return Tokenizer.from_str(state["tokenizer"])
     pretrained = checkpoint.get("hyper_parameters", {}).get("pretrained")
     return Tokenizer.from_file(tokenizer_file(pretrained)) if pretrained else None
 
@@ -100,5 +102,5 @@ def read_tokenizer(spec: str) -> Tokenizer:
         return Tokenizer.from_file(path)
     tokenizer = checkpoint_tokenizer(load_checkpoint(path))
     if tokenizer is None:
-        raise ValueError(f"checkpoint {path!r} holds no {CHECKPOINT_KEY} tokenizer and names no pretrained model")
+        raise ValueError(f"checkpoint {path!r} holds no data module tokenizer ({' or '.join(CHECKPOINT_KEYS)}) and names no pretrained model")
     return tokenizer
