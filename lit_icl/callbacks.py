@@ -50,7 +50,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_icl.evaluation import ICLMetrics, measure
+from lit_icl.evaluation import ICLMetrics, measure, untrained_model
 from lit_icl.data.episodes import Episodes
 from lit_icl.errors import first_line as _first_line
 from lit_icl.mixers import APPROXIMATE_MODES
@@ -193,9 +193,7 @@ class ICLConversionCallback(ValidationMeasure):
         """The untrained baseline of `model`: the weights kept at the start of fit, else a fresh
         TransformerLM of the same config initialised from `seed` (the global RNG is untouched)."""
         if self.untrained is None or self.untrained.config != model.config:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                self.untrained = TransformerLM(model.config)
+            self.untrained = untrained_model(model, self.seed)
         return self.untrained
 
     def prepare(self, datamodule, block_size) -> None:

@@ -46,7 +46,7 @@ from lit_icl.metrics import ConversionError, Rate, Rec2FTP, SimAM, SimAOU, answe
 from lit_icl.model import TransformerLM, evaluating
 
 __all__ = ["Conversion", "EpisodeRuns", "ICLMetrics", "batches", "conversions", "correct", "evaluate", "measure",
-           "prediction_names", "predictions", "random_updates", "select_lr"]
+           "prediction_names", "predictions", "random_updates", "select_lr", "untrained_model"]
 
 
 class Conversion(NamedTuple):
@@ -345,3 +345,13 @@ def evaluate(model: TransformerLM, episodes: Mapping[int, Episodes], **kwargs) -
     """The comparison per shot count, computed: `measure`'s metrics as plain floats (synced across
     ranks when torch.distributed is initialised). Keyword arguments: those of `measure`."""
     return {k: m.compute() for k, m in measure(model, episodes, **kwargs).items()}
+
+
+def untrained_model(model: TransformerLM, seed: int) -> TransformerLM:
+    """The untrained baseline of `model`: a TransformerLM of its config, initialised from `seed`
+    (the global RNG is left alone), on `model`'s device and dtype, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = TransformerLM(model.config)
+    p = next(model.parameters())
+    return base.to(device=p.device, dtype=p.dtype).eval()

@@ -118,18 +118,6 @@ def task_spec(task: str, cfg: dict, out: Path) -> dict:
     return dict(spec, source=source)
 
 
-def untrained_model(model, seed: int):
-    """The untrained baseline: a TransformerLM of `model`'s config, its own initialisation drawn
-    from `seed` (the global RNG is left alone), on `model`'s device and dtype."""
-    from lit_icl import TransformerLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = TransformerLM(model.config)
-    p = next(model.parameters())
-    return base.to(device=p.device, dtype=p.dtype).eval()
-
-
 def evaluate_task(model, untrained, dm, task: str, cfg: dict) -> dict:
     """One task's run: `lit_icl.evaluation.evaluate` over every shot count at once."""
     from lit_icl.evaluation import evaluate
@@ -167,6 +155,7 @@ def evaluate_task(model, untrained, dm, task: str, cfg: dict) -> dict:
 
 def run(store, out: Path) -> None:
     from lit_icl.data import TemplateDataModule
+    from lit_icl.evaluation import untrained_model
 
     cfg = store.data["config"]
     model, tokenizer = load(cfg, out)
