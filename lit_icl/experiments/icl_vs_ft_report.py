@@ -244,9 +244,9 @@ def setup_lines(data: dict) -> list[str]:
     cfg = data["config"]
     fn = [t for t in cfg["tasks"] if t not in LABEL_TASKS]
     labels = [t for t in cfg["tasks"] if t in LABEL_TASKS]
+    sources = {"mr": "mr: Pang & Lee sentences", "bbc": f"bbc: BBC News articles cut to their first {cfg['bbc_words']} words"}
     data_words = ("toy data written by the experiment (function tasks on a few dozen self-written words)" if cfg["quick"]
-                  else "the `functions` source; mr: Pang & Lee sentences; bbc: BBC News articles cut to their first "
-                  f"{cfg['bbc_words']} words")
+                  else "; ".join((["the `functions` source"] if fn else []) + [sources[t] for t in labels if t in sources]))
     return [f"- Model: {pretrained.model_name(cfg)}; its untrained baseline: the same architecture initialised by "
             f"TransformerLM's own scheme (normal(0, 0.02)) from seed {cfg['seed']}.",
             "- Tasks: " + "; ".join(filter(None, [
