@@ -201,7 +201,7 @@ def test_lit_icl_fit_on_the_corpus_config_writes_the_measures(tmp_path, run_cli)
                     "--model.config.n_embd", "16", "--model.config.n_head", "2", "--data.init_args.batch_size", "4",
                     "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                    "--trainer.accelerator", "cpu", "--run_name", "t", "--checkpoint.dirpath", tmp_path / "ckpt",
+                    "--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu", "--run_name", "t", "--checkpoint.dirpath", tmp_path / "ckpt",
                     "--trainer.logger.init_args.save_dir", tmp_path / "runs"], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = EventAccumulator(str(tmp_path / "runs" / "t"), size_guidance={"scalars": 0, "images": 0})
@@ -211,6 +211,8 @@ def test_lit_icl_fit_on_the_corpus_config_writes_the_measures(tmp_path, run_cli)
         assert [e.step for e in acc.Scalars(tag)] == [1, 3], tag
     assert len(acc.Images("icl/text/loss_vs_position")) == 2
     assert "ICL score is loss(32) - loss(3)" in proc.stderr  # the default positions, said
+    for tag in ("throughput/tokens_per_s", "throughput/mfu"):  # the config's ThroughputCallback
+        assert acc.Scalars(tag) and all(e.value > 0 for e in acc.Scalars(tag)), tag
 
 
 @pytest.mark.slow
