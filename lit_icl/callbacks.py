@@ -184,7 +184,9 @@ class ICLConversionCallback(ValidationMeasure):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.untrained_baseline and stage == "fit" and not getattr(pl_module.hparams, "pretrained", None):
+        initial = not getattr(pl_module.hparams, "pretrained", None) and not any(
+            p.is_meta for p in pl_module.model.parameters())  # meta_init: drawn later; `seed` draws the baseline
+        if self.untrained_baseline and stage == "fit" and initial:
             # setup runs before a checkpoint is restored: these are the initial weights (a resumed
             # run re-draws them from the same seed when it builds the module)
             self.untrained = copy.deepcopy(pl_module.model).cpu()

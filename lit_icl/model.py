@@ -116,10 +116,20 @@ class TransformerLM(nn.Module):
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.context: Optional[BakedContext] = None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Draw every weight as the constructor does (GPT-2's scheme: normal(0, 0.02) for linear
+        layers and embeddings, zero biases, norms reset, residual projections scaled by
+        1/sqrt(2 n_layer)). A model built on the meta device calls it after ``to_empty``, on
+        its shards under FSDP2 (`LitTransformerLM(meta_init=True)`)."""
+        for module in self.modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)) and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()  # norms: ones / zeros, no random draw
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections
             if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import asdict
@@ -100,6 +101,11 @@ class LitTransformerLM(pl.LightningModule):
             of keeping them (``torch.distributed._composable.checkpoint``: parameter names and
             checkpoints unchanged; gradients identical), trading about one more forward per step
             for activation memory of one block. Composes with fsdp2, DDP and compile.
+        meta_init: build the model on the meta device (no memory) and draw its weights in
+            :meth:`configure_model`, after sharding under fsdp2 (each process draws only its
+            shards, so a model larger than one process's memory never exists whole) or on the
+            training device otherwise. Same scheme as the default, other draws: the initial
+            weights differ from ``meta_init=False``'s for the same seed. Not with ``pretrained``.
         loss_chunk_size: rows of the output head and the loss computed at a time
             (`lit_icl.loss.chunked_cross_entropy`, Wijmans et al. 2025): the [B, T, vocab] logits,
             their softmax and gradient never exist. None: 16 MiB of float32 logits a chunk (256
@@ -122,6 +128,7 @@ class LitTransformerLM(pl.LightningModule):
         compile: bool = False,
         activation_checkpointing: bool = False,
         loss_chunk_size: int | None = None,
+        meta_init: bool = False,
     ) -> None:
         super().__init__()
         if pretrained is None and isinstance(config, Mapping):
@@ -140,9 +147,12 @@ class LitTransformerLM(pl.LightningModule):
                              "a positive number of rows")
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; allowed: 'stop', 'skip'")
+        if meta_init and pretrained is not None:
+            raise ValueError("meta_init=True builds a fresh model; pretrained weights are loaded whole (drop one)")
         self.save_hyperparameters()
         if pretrained is None:
-            self.model = TransformerLM(config)
+            with torch.device("meta") if meta_init else contextlib.nullcontext():
+                self.model = TransformerLM(config)
         else:
             self.model = TransformerLM.from_hf(model_directory(pretrained)).train()
             cfg = pretrained_config(config, self.model.config)
@@ -210,6 +220,15 @@ class LitTransformerLM(pl.LightningModule):
             for block in self.model.blocks:
                 fully_shard(block, mesh=data_parallel)
             fully_shard(self.model, mesh=data_parallel)
+        if any(p.is_meta for p in self.model.parameters()):  # meta_init: draw the weights where they live
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)  # keeps parameter objects: a tied head stays tied
+            try:
+                self.model.to_empty(device=self.trainer.strategy.root_device if self._trainer else "cpu")
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+            with torch.no_grad():
+                self.model.init_weights()
         if self.hparams.get("compile") and getattr(self.model, "_compiled_call_impl", None) is None:
             self.model.compile()
 

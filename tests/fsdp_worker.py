@@ -1,5 +1,6 @@
 """Train a tiny model for a few steps with the ICL and text measures on DEVICES CPU processes
-under STRATEGY (ddp or fsdp2) in PRECISION (a 5th argument "ac": with activation checkpointing);
+under STRATEGY (ddp or fsdp2) in PRECISION (further arguments: "ac", activation checkpointing;
+"meta", the model built on the meta device and drawn after sharding);
 rank 0 writes the measures' figures and the full
 final weights to OUT (torch.save). Used by tests/test_fsdp.py to compare sharded with DDP."""
 import sys
@@ -29,7 +30,8 @@ if __name__ == "__main__":
                        batch_size=4)
     module = LitTransformerLM(TransformerConfig(vocab_size=dm.vocab_size, n_layer=2, n_head=2, n_embd=16,
                                                 block_size=32, attention=["linear", "softmax"], momentum=0.5),
-                              lr=1e-2, warmup_steps=1, activation_checkpointing=sys.argv[5:] == ["ac"])
+                              lr=1e-2, warmup_steps=1, activation_checkpointing="ac" in sys.argv[5:],
+                              meta_init="meta" in sys.argv[5:])
     icl = ICLConversionCallback(shots=[0, 2, 4], batch_size=4, finetune_lr=0.5)
     text = TextICLCallback(num_documents=7, batch_size=2, positions=(2, 20), prefix=9, num_features=32)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, precision=precision, max_steps=4,
@@ -37,5 +39,7 @@ if __name__ == "__main__":
                          enable_model_summary=False, enable_checkpointing=False, callbacks=[icl, text])
     trainer.fit(module, datamodule=dm)
     weights = {k: v.detach().cpu() for k, v in whole_model(module.model).state_dict().items()}
+    tied = module.model.lm_head.weight is module.model.wte.weight
     if trainer.is_global_zero:
-        torch.save({"icl": icl.results, "text": text.results, "weights": weights}, out)
+        torch.save({"icl": icl.results, "text": text.results, "weights": weights, "tied": tied,
+                    "val_loss": float(trainer.callback_metrics["val/loss"])}, out)

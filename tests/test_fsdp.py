@@ -128,3 +128,35 @@ def test_strategy_refusals(tmp_path):
     with pytest.raises(ValueError, match="fsdp2"):
         ICLConversionCallback(shots=[0]).setup(FakeTrainer(), None, "fit")
     assert "fsdp2" in pl.strategies.StrategyRegistry
+
+
+@pytest.mark.slow
+def test_meta_init_draws_each_shard_where_it_lives(tmp_path):
+    """meta_init under fsdp2: the model is built without memory and each process draws its own
+    shards after sharding; the head stays tied, the shards differ, training and the exact
+    conversion work as usual."""
+    run = worker("fsdp2", "32-true", tmp_path / "meta.pt", "meta")
+    assert run["tied"] and 0 < run["val_loss"] < 10
+    wte = run["weights"]["wte.weight"]
+    half = wte.shape[0] // 2
+    assert not torch.allclose(wte[:half], wte[half : 2 * half], atol=1e-3), "the two ranks drew different shards"
+    assert 0.01 < float(wte.std()) < 0.05  # normal(0, 0.02) after 4 small steps
+    assert run["icl"][4]["rel_logit_err"] < 1e-5
+
+
+def test_meta_init_on_one_process(tiny_config, tiny_data):
+    import lightning.pytorch as pl
+
+    module = LitTransformerLM(tiny_config, meta_init=True)
+    assert all(p.is_meta for p in module.parameters())
+    from lit_icl.callbacks import ICLConversionCallback
+
+    icl = ICLConversionCallback(shots=[0, 2], num_episodes=8, untrained_baseline=True)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, val_check_interval=2, limit_val_batches=1, callbacks=[icl])
+    trainer.fit(module, datamodule=tiny_data)
+    assert icl.results[2]["rel_logit_err"] < 1e-5 and "prompted_acc_untrained" in icl.results[2]
+    assert not any(p.is_meta for p in module.parameters()) and all(torch.isfinite(p).all() for p in module.parameters())
+    assert module.model.lm_head.weight is module.model.wte.weight
+    with pytest.raises(ValueError, match="meta_init"):
+        LitTransformerLM(tiny_config, pretrained="smollm2-135m", meta_init=True)
