@@ -126,12 +126,8 @@ class EpisodeRuns:
             self.logits[converted[0].name] = pr.logits
         if check:
             with self.timed("check"):
-                demo_mask = episodes.demo_mask
-                whole = None if demo_mask is None and mask is None else torch.cat([
-                    torch.ones_like(episodes.demo_ids) if demo_mask is None else demo_mask,
-                    torch.ones_like(inputs) if mask is None else mask], dim=1)
-                self.one_pass = model.run(torch.cat([episodes.demo_ids, inputs], dim=1), attention_mask=whole,
-                                          logits_at=A).logits
+                whole, whole_mask = episodes.teacher_forced_prompts
+                self.one_pass = model.run(whole, attention_mask=whole_mask, logits_at=A).logits
         with self.timed("convert"):
             for name, _, kwargs in converted[1:]:
                 state = convert(model, episodes.demo_ids, attention_mask=episodes.demo_mask, **kwargs)

@@ -7,7 +7,16 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Episodes"]
+__all__ = ["Episodes", "joined"]
+
+
+def joined(*parts: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token blocks ``(ids [N, L_i], mask [N, L_i] or None)`` side by side: the ids and their mask
+    (1 where a block has no mask), or None when no block has one."""
+    ids = torch.cat([i for i, _ in parts], dim=1)
+    if all(m is None for _, m in parts):
+        return ids, None
+    return ids, torch.cat([torch.ones_like(i) if m is None else m.long() for i, m in parts], dim=1)
 
 
 @dataclass(frozen=True)
@@ -210,12 +219,14 @@ class Episodes:
         ``Q - 1``. A label task's is the query itself."""
         if self.answer_ids is None or self.answer_ids.shape[1] == 1:
             return self.query_ids, self.query_mask
-        ids = torch.cat([self.query_ids, self.answer_ids[:, :-1]], dim=1)
-        if self.query_mask is None and self.answer_mask is None:
-            return ids, None
-        query = torch.ones_like(self.query_ids) if self.query_mask is None else self.query_mask.long()
-        answer = torch.ones_like(self.answer_ids) if self.answer_mask is None else self.answer_mask.long()
-        return ids, torch.cat([query, answer[:, 1:]], dim=1)  # answer token j is read iff token j + 1 is scored
+        answer_mask = None if self.answer_mask is None else self.answer_mask[:, 1:]  # token j read iff j + 1 scored
+        return joined((self.query_ids, self.query_mask), (self.answer_ids[:, :-1], answer_mask))
+
+    @property
+    def teacher_forced_prompts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The demonstrations followed by :attr:`query_inputs` ``[N, M + Q + A - 1]``, with its mask:
+        the whole prompt in one pass, what the converted state plus the query must reproduce."""
+        return joined((self.demo_ids, self.demo_mask), self.query_inputs)
 
     @property
     def demo_mask(self) -> torch.Tensor | None:
@@ -227,12 +238,7 @@ class Episodes:
     @property
     def prompt_mask(self) -> torch.Tensor | None:
         """The attention mask of ``prompts`` (``None`` when nothing is padded)."""
-        demo, query = self.demo_mask, self.query_mask
-        if demo is None and query is None:
-            return None
-        demo = torch.ones_like(self.demo_ids) if demo is None else demo
-        query = torch.ones_like(self.query_ids) if query is None else query.long()
-        return torch.cat([demo, query], dim=1)
+        return joined((self.demo_ids, self.demo_mask), (self.query_ids, self.query_mask))[1]
 
     @property
     def prompt_lengths(self) -> torch.Tensor:
