@@ -9,16 +9,17 @@ TINY = dict(QUICK["mfu"], T=32, compile=True)
 
 def test_compile_cost_measures_a_kind_in_a_fresh_process():
     """backend="eager": dynamo traces the step (no code generation), so this stays seconds."""
-    r = compile_cost(dict(TINY, backend="eager"), "linear", threads=1)
+    r = compile_cost(dict(TINY, backend="eager"), "linear", threads=1, flops=10**8)
     assert "error" not in r, r
-    assert r["cold_s"] > 0 and r["median_s"] > 0 and r["vs_eager"] > 0
+    assert r["cold_s"] > 0 and r["median_s"] > 0 and r["vs_eager"] > 0 and r["fraction"] > 0 and r["eager_fraction"] > 0
+    assert r["flops_per_s"] == 10**8 / r["median_s"]
     assert r["graph_breaks"] is None or r["graph_breaks"] >= 0
 
 
 def test_compile_failure_and_timeout_become_rows():
-    failed = compile_cost(dict(TINY, backend="no_such_backend"), "linear", threads=1)
+    failed = compile_cost(dict(TINY, backend="no_such_backend"), "linear", threads=1, flops=1)
     assert failed["error"].startswith("InvalidBackend"), failed
-    slow = compile_cost(dict(TINY, backend="eager", compile_timeout_s=0.5), "linear", threads=1)
+    slow = compile_cost(dict(TINY, backend="eager", compile_timeout_s=0.5), "linear", threads=1, flops=1)
     assert slow == {"error": "no result within 0.5 s (stopped)"}
     r = {"threads": 1, "mm_flops_per_s": 1e11, "kinds": {
         "linear": {"flops": 2e9, "median_s": 0.1, "flops_per_s": 2e10, "fraction": 0.2, "compiled": failed},

@@ -12,12 +12,14 @@
 9. The share of the machine's matmul rate that a forward+backward of a small LM reaches per
    attention kind (2 layers, width 128, 2 heads, vocabulary 256, T=4096, batch 2 in FULL):
    FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode (matmuls, attention
-   and convolutions; elementwise work counts nothing), divided by the median step time and by
-   torch.mm's rate at 1024^2 (`timing.matmul_check`, this thread count). The kinds alternate in
-   one process (eager). Then torch.compile (inductor) per kind, each in a fresh process (spawn)
+   and convolutions; elementwise work counts nothing), divided by the step time and by torch.mm's
+   rate at 1024^2 (`timing.matmul_check`'s size, this thread count), the matmul alternating with
+   the steps: a share is the median over rounds of the step's FLOP/s over the matmul's in the
+   same round, so that a machine whose load changes over minutes still gives a ratio of
+   neighbours. The kinds alternate in one process (eager). Then torch.compile (inductor) per kind, each in a fresh process (spawn)
    with a fresh inductor cache folder, so that the cold compile is cold and a compile that
    hangs or crashes costs only its kind: the first call (cold: tracing and compiling), then
-   eager and compiled alternating; a failure or a timeout is recorded with its reason, and the
+   the matmul, eager and compiled alternating; a failure or a timeout is recorded with its reason, and the
    graph breaks dynamo reports are counted. The model is called with check=False (its input
    check reads the ids' range, a graph break that is no part of the step). QUICK skips the
    compile (minutes on a small CPU).
@@ -36,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lit_icl.experiments.bench.timing import alternate, fmt_s, matmul_check, med, peak_memory, ratio
+from lit_icl.experiments.bench.timing import alternate, fmt_s, med, peak_memory, ratio
 from lit_icl.loss import chunk_rows, chunked_cross_entropy
 
 HEAD_FULL = dict(N=8 * 512, D=512, V=16384, chunk=None, reps=5)  # chunk None: chunked_cross_entropy's default
@@ -45,6 +47,8 @@ MFU_FULL = dict(n_layer=2, n_embd=128, n_head=2, vocab=256, T=4096, B=2, reps=3,
                 backend="inductor", compile_timeout_s=1200)
 MFU_QUICK = dict(n_layer=2, n_embd=32, n_head=2, vocab=64, T=64, B=2, reps=2, compile=False,
                  backend="inductor", compile_timeout_s=60)
+MM_N, MM_CALLS = 1024, 4  # the matmul contender: timing.matmul_check's size, a few calls a round
+MM_FLOPS = MM_CALLS * 2 * MM_N**3
 KINDS = {"linear": {}, "momentum": {"momentum": 0.5}, "softmax": {"attention": "softmax"},
          **{kind: {"attention": kind} for kind in ("retention", "simple_gla", "gla", "deltanet")}}
 
@@ -136,6 +140,23 @@ def step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def matmul_contender() -> Callable[[], None]:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(MM_N, MM_N, generator=g), torch.randn(MM_N, MM_N, generator=g)
+
+    def run():
+        for _ in range(MM_CALLS):
+            torch.mm(a, b)
+
+    return run
+
+
+def shares(times: dict[str, list[float]], flops: dict[str, int]) -> dict[str, float]:
+    """Per step: the median over rounds of its FLOP/s over the matmul's ("mm") in the same round."""
+    return {name: statistics.median(f * tm / (MM_FLOPS * t) for t, tm in zip(times[name], times["mm"]))
+            for name, f in flops.items()}
+
+
 def graph_breaks() -> int | None:
     """Graph breaks dynamo has counted in this process (an internal counter; None if it moved)."""
     try:
@@ -146,8 +167,9 @@ def graph_breaks() -> int | None:
         return None
 
 
-def compile_child(conn, mc: dict, kind: str, threads: int) -> None:
-    """In a fresh process: cold compile of one kind's step, then eager and compiled alternating."""
+def compile_child(conn, mc: dict, kind: str, threads: int, flops: int) -> None:
+    """In a fresh process: cold compile of one kind's step (of `flops`), then the matmul, eager and
+    compiled alternating."""
     cache = tempfile.mkdtemp(prefix="lit_icl_inductor_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # nothing compiled before counts as warm
     try:
@@ -163,19 +185,22 @@ def compile_child(conn, mc: dict, kind: str, threads: int) -> None:
             conn.send({"error": f"{type(e).__name__}: {first[:200]}"})
             return
         cold = time.perf_counter() - start
-        times = alternate({"eager": eager, "compiled": fast}, mc["reps"])
-        conn.send({"cold_s": cold, "median_s": med(times["compiled"]), "eager_s": med(times["eager"]),
-                   "vs_eager": ratio(times, "compiled", "eager"), "graph_breaks": graph_breaks()})
+        times = alternate({"mm": matmul_contender(), "eager": eager, "compiled": fast}, mc["reps"])
+        share = shares(times, {"eager": flops, "compiled": flops})
+        conn.send({"cold_s": cold, "median_s": med(times["compiled"]), "flops_per_s": flops / med(times["compiled"]),
+                   "fraction": share["compiled"], "eager_s": med(times["eager"]), "eager_fraction": share["eager"],
+                   "mm_flops_per_s": MM_FLOPS / med(times["mm"]), "vs_eager": ratio(times, "compiled", "eager"),
+                   "graph_breaks": graph_breaks()})
     finally:
         conn.close()
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def compile_cost(mc: dict, kind: str, threads: int) -> dict:
+def compile_cost(mc: dict, kind: str, threads: int, flops: int) -> dict:
     """compile_child's result for one kind, or {"error": why} (its exception, a timeout, a crash)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=compile_child, args=(send, mc, kind, threads), daemon=True)
+    proc = ctx.Process(target=compile_child, args=(send, mc, kind, threads, flops), daemon=True)
     start = time.perf_counter()
     proc.start()
     send.close()
@@ -197,19 +222,16 @@ def compile_cost(mc: dict, kind: str, threads: int) -> dict:
 
 def bench_mfu(cfg: dict) -> dict:
     mc, threads = cfg["mfu"], torch.get_num_threads()
-    mm = matmul_check()[f"{threads} threads"] * 1e9
     steps = {kind: train_step(small_lm(mc, kind), mc) for kind in KINDS}
     flops = {kind: step_flops(step) for kind, step in steps.items()}
-    times = alternate(steps, mc["reps"])
-    out = {"mm_flops_per_s": mm, "threads": threads, "kinds": {}}
+    times = alternate({"mm": matmul_contender(), **steps}, mc["reps"])
+    share = shares(times, flops)
+    out = {"mm_flops_per_s": MM_FLOPS / med(times.pop("mm")), "threads": threads, "kinds": {}}
     for kind, ts in times.items():
-        rate = flops[kind] / med(ts)
-        row = {"flops": flops[kind], "median_s": med(ts), "flops_per_s": rate, "fraction": rate / mm, "times_s": ts}
+        row = {"flops": flops[kind], "median_s": med(ts), "flops_per_s": flops[kind] / med(ts), "fraction": share[kind],
+               "times_s": ts}
         if mc["compile"]:
-            c = compile_cost(mc, kind, threads)
-            if "median_s" in c:
-                c.update(flops_per_s=flops[kind] / c["median_s"], fraction=flops[kind] / c["median_s"] / mm)
-            row["compiled"] = c
+            row["compiled"] = compile_cost(mc, kind, threads, flops[kind])
         out["kinds"][kind] = row
     return out
 
@@ -218,9 +240,9 @@ def mfu_table(cfg: dict, r: dict) -> list[str]:
     mc = cfg["mfu"]
     lines = [f"**9. Share of the matmul rate, forward+backward per attention kind** ({mc['n_layer']} layers, width "
              f"{mc['n_embd']}, {mc['n_head']} heads, vocabulary {mc['vocab']}, T={mc['T']}, batch {mc['B']}, "
-             f"{r['threads']} threads; FLOPs by FlopCounterMode on one step; matmul rate: torch.mm 1024^2 "
-             f"{r['mm_flops_per_s'] / 1e9:.0f} GFLOP/s; compiled: torch.compile({mc['backend']}), each kind in a fresh "
-             "process, cold = first call)", "",
+             f"{r['threads']} threads; FLOPs by FlopCounterMode on one step; share: of torch.mm 1024^2's rate in the "
+             f"same round, median {r['mm_flops_per_s'] / 1e9:.0f} GFLOP/s; compiled: torch.compile({mc['backend']}), each "
+             "kind in a fresh process, cold = first call, compiled / eager: step times alternating in that process)", "",
              "| kind | GFLOP/step | eager step | eager GFLOP/s | eager share | compile cold | compiled step "
              "| compiled GFLOP/s | compiled share | compiled / eager | graph breaks |", "|---" * 11 + "|"]
     for kind, v in r["kinds"].items():
