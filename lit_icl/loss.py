@@ -92,7 +92,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                         torch.mm(g, w, out=grad_h[s:e])
                     if grad_w is not None:
                         torch.addmm(grad_w, g.t(), h, out=grad_w)  # not addmm_: FlopCounterMode counts no in-place op
-            loss = ((lse - target) * valid).sum() / count.to(dtype)  # nan when every label is ignored, as F.cross_entropy
+            # NaN when every label is ignored, as F.cross_entropy
+            loss = ((lse - target) * valid).sum() / count.to(dtype)
         ctx.mark_non_differentiable(*([argmax] if argmax is not None else []))
         ctx.recompute, ctx.chunk_size, ctx.dtypes = recompute, chunk_size, (hidden.dtype, weight.dtype)
         if recompute:

@@ -98,7 +98,7 @@ class ThroughputCallback(pl.Callback):
         self.peak: float | None = None
         self.flops_per_token: float | None = None
         self._counter: FlopCounterMode | None = None
-        self._window_start: float | None = None  # perf_counter at the start of the window, None before the first timed step
+        self._window_start: float | None = None  # start of the window; None before the first timed step
         self._paused_at: float | None = None
         self._tokens = 0
 
@@ -109,10 +109,12 @@ class ThroughputCallback(pl.Callback):
             dtype = compute_dtype(trainer.precision)
             self.peak = matmul_flops(pl_module.device, dtype, self.matmul_size)
             how = f"measured: torch.mm {str(dtype).removeprefix('torch.')} on {pl_module.device.type}"
-        rank_zero_info(f"throughput: peak {self.peak / 1e9:,.1f} GFLOP/s per process ({how}); MFU = model FLOPs/s / peak")
+        rank_zero_info(f"throughput: peak {self.peak / 1e9:,.1f} GFLOP/s per process ({how}); "
+                       "MFU = model FLOPs/s / peak")
         self.flops_per_token, self._window_start, self._paused_at, self._tokens = None, None, None, 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._paused_at is not None:  # validation (and what ran after it) is no training time
             self._window_start += perf_counter() - self._paused_at
             self._paused_at = None
