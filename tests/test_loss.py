@@ -142,7 +142,7 @@ def test_no_grad_loss_and_argmax_for_accuracy():
 
 
 def test_default_chunk_size_and_checks():
-    assert chunk_rows(16384) == 256 and chunk_rows(50257) == 83 and chunk_rows(10**7) == 16
+    assert chunk_rows(16384) == 1024 and chunk_rows(50257) == 333 and chunk_rows(10**7) == 16
     h, w, labels = inputs(300, 4, 20, torch.float64)
     assert relative_error(chunked_cross_entropy(h, w, labels), reference(h, w, labels)[0]) < 1e-12
     with pytest.raises(ValueError, match="chunk_size"):
