@@ -16,13 +16,13 @@
    rate at 1024^2 (`timing.matmul_check`'s size, this thread count), the matmul alternating with
    the steps: a share is the median over rounds of the step's FLOP/s over the matmul's in the
    same round, so that a machine whose load changes over minutes still gives a ratio of
-   neighbours. The kinds alternate in one process (eager). Then torch.compile (inductor) per kind, each in a fresh process (spawn)
-   with a fresh inductor cache folder, so that the cold compile is cold and a compile that
-   hangs or crashes costs only its kind: the first call (cold: tracing and compiling), then
-   the matmul, eager and compiled alternating; a failure or a timeout is recorded with its reason, and the
-   graph breaks dynamo reports are counted. The model is called with check=False (its input
-   check reads the ids' range, a graph break that is no part of the step). QUICK skips the
-   compile (minutes on a small CPU).
+   neighbours. The kinds alternate in one process (eager). Then torch.compile (inductor) per
+   kind, each in a fresh process (spawn) with a fresh inductor cache folder, so that the cold
+   compile is cold and a compile that hangs or crashes costs only its kind: the first call
+   (cold: tracing and compiling), then the matmul, eager and compiled alternating; a failure or
+   a timeout is recorded with its reason, and the graph breaks dynamo reports are counted. The
+   model is called with check=False (its input check reads the ids' range, a graph break that is
+   no part of the step). QUICK skips the compile (minutes on a small CPU).
 """
 from __future__ import annotations
 
@@ -101,8 +101,10 @@ def head_table(cfg: dict, r: dict) -> list[str]:
     s = r["shape"]
     lines = [f"**8. Output head loss+backward** (N={s['N']} tokens, width {s['D']}, vocabulary {s['V']}, float32; "
              f"median of {cfg['head']['reps']} alternating rounds; page faults and system time of the process per "
-             "step; x = time / full)", "",
-             "| method | time | vs full | peak RSS growth | minor page faults | system time |", "|---|---|---|---|---|---|"]
+             "step; peak RSS growth of one call after the others, glibc's freed memory trimmed first (0 under an "
+             "allocator that keeps freed pages, as jemalloc preloaded by scripts/train.sh); x = time / full)", "",
+             "| method | time | vs full | peak RSS growth | minor page faults | system time |",
+             "|---|---|---|---|---|---|"]
     for name, v in r["methods"].items():
         mem = "n/a" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f} MiB"
         lines.append(f"| {name} | {fmt_s(v['median_s'])} | {v['vs_full']:.2f}x | {mem} | {v['page_faults']:,.0f} "
@@ -241,8 +243,9 @@ def mfu_table(cfg: dict, r: dict) -> list[str]:
     lines = [f"**9. Share of the matmul rate, forward+backward per attention kind** ({mc['n_layer']} layers, width "
              f"{mc['n_embd']}, {mc['n_head']} heads, vocabulary {mc['vocab']}, T={mc['T']}, batch {mc['B']}, "
              f"{r['threads']} threads; FLOPs by FlopCounterMode on one step; share: of torch.mm 1024^2's rate in the "
-             f"same round, median {r['mm_flops_per_s'] / 1e9:.0f} GFLOP/s; compiled: torch.compile({mc['backend']}), each "
-             "kind in a fresh process, cold = first call, compiled / eager: step times alternating in that process)", "",
+             f"same round, median {r['mm_flops_per_s'] / 1e9:.0f} GFLOP/s; compiled: torch.compile({mc['backend']}), "
+             "each kind in a fresh process, cold = first call, compiled / eager: step times alternating in that "
+             "process)", "",
              "| kind | GFLOP/step | eager step | eager GFLOP/s | eager share | compile cold | compiled step "
              "| compiled GFLOP/s | compiled share | compiled / eager | graph breaks |", "|---" * 11 + "|"]
     for kind, v in r["kinds"].items():
