@@ -169,10 +169,9 @@ def graph_breaks() -> int | None:
         return None
 
 
-def compile_child(conn, mc: dict, kind: str, threads: int, flops: int) -> None:
-    """In a fresh process: cold compile of one kind's step (of `flops`), then the matmul, eager and
-    compiled alternating."""
-    cache = tempfile.mkdtemp(prefix="lit_icl_inductor_")
+def compile_child(conn, mc: dict, kind: str, threads: int, flops: int, cache: str) -> None:
+    """In a fresh process: cold compile of one kind's step (of `flops`), with inductor's cache in
+    the empty folder `cache`, then the matmul, eager and compiled alternating."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # nothing compiled before counts as warm
     try:
         torch.set_num_threads(threads)
@@ -195,14 +194,14 @@ def compile_child(conn, mc: dict, kind: str, threads: int, flops: int) -> None:
                    "graph_breaks": graph_breaks()})
     finally:
         conn.close()
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 def compile_cost(mc: dict, kind: str, threads: int, flops: int) -> dict:
     """compile_child's result for one kind, or {"error": why} (its exception, a timeout, a crash)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=compile_child, args=(send, mc, kind, threads, flops), daemon=True)
+    cache = tempfile.mkdtemp(prefix="lit_icl_inductor_")  # removed here: a stopped child cleans nothing
+    proc = ctx.Process(target=compile_child, args=(send, mc, kind, threads, flops, cache), daemon=True)
     start = time.perf_counter()
     proc.start()
     send.close()
@@ -217,9 +216,11 @@ def compile_cost(mc: dict, kind: str, threads: int, flops: int) -> dict:
         proc.join(5)
         return {"error": f"the compile process ended with exit code {proc.exitcode} and no result"}
     finally:
+        proc.join(30)  # a child that sent its result ends by itself
         if proc.is_alive():
             proc.kill()
-        proc.join()
+            proc.join()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def bench_mfu(cfg: dict) -> dict:
