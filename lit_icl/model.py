@@ -194,7 +194,7 @@ class TransformerLM(nn.Module):
 
         With `labels` [B, T] (-100 where nothing is scored): (the mean cross-entropy, the argmax
         prediction [B, T]) instead, with the head and the loss computed `loss_chunk_size` rows at
-        a time (`lit_icl.loss.chunked_cross_entropy`; None: 16 MiB of logits a chunk), so the
+        a time (`lit_icl.loss.chunked_cross_entropy`; None: `lit_icl.loss.chunk_rows`), so the
         [B, T, vocab] logits never exist. Inside forward, so FSDP's hooks and torch.compile cover it."""
         if labels is None:
             return self.run(input_ids, state, attention_mask, check=check).logits

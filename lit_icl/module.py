@@ -108,8 +108,9 @@ class LitTransformerLM(pl.LightningModule):
             weights differ from ``meta_init=False``'s for the same seed. Not with ``pretrained``.
         loss_chunk_size: rows of the output head and the loss computed at a time
             (`lit_icl.loss.chunked_cross_entropy`, Wijmans et al. 2025): the [B, T, vocab] logits,
-            their softmax and gradient never exist. None: 16 MiB of float32 logits a chunk (256
-            rows at vocabulary 16,384); 0: the full logits and F.cross_entropy (the reference).
+            their softmax and gradient never exist. None: `lit_icl.loss.chunk_rows` (64 MiB of
+            float32 logits a chunk, 1024 rows at vocabulary 16,384); 0: the full logits and
+            F.cross_entropy (the reference).
 
     Under ``--trainer.strategy fsdp2`` (:mod:`lit_icl.strategies`) :meth:`configure_model` shards
     every block and then the root with FSDP2's ``fully_shard``.
