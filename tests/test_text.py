@@ -130,7 +130,7 @@ def test_checkpoint_knows_its_tokenizer(corpus, tmp_path):
     bare = torch.load(last, weights_only=True)
     del bare["TextDataModule"]
     torch.save(bare, tmp_path / "bare.ckpt")
-    with pytest.raises(ValueError, match="holds no TextDataModule tokenizer"):
+    with pytest.raises(ValueError, match="holds no data module tokenizer"):
         read_tokenizer(str(tmp_path / "bare.ckpt"))
 
 
